@@ -1,0 +1,190 @@
+"""``cross_attention``: the public functional op; validates once, then dispatches."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmattn import dispatch, ops
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_SEED = 2**63 - 1
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(getattr(t, "shape", ()))
+
+
+def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim), got shape "
+                             f"{_shape(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {bv}")
+    if hkv != hv:
+        raise ValueError(f"k and v must have the same number of heads, got {hkv} and {hv}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if lk != lv:
+        raise ValueError(f"k and v must have the same length, got {lk} and {lv}")
+    if d != dk:
+        raise ValueError(f"q and k must have the same head_dim, got {d} and {dk}")
+    if d == 0:
+        raise ValueError("head_dim of q and k must be at least 1")
+
+
+def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> Tensor | None:
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = may attend) or floating point (added "
+                        f"to the scores), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError:
+        broadcast = None
+    if attn_mask.dim() > 4 or broadcast != target:
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
+                         f"(B, Hq, Lq, Lk) = {target}")
+    return attn_mask.expand(target)
+
+
+def _fold_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
+                     device: torch.device) -> Tensor | None:
+    """Combine a block mask with ``attn_mask`` as one element mask (AND semantics)."""
+    if block_mask is None:
+        return attn_mask
+    if not hasattr(block_mask, "to_dense"):
+        raise TypeError(f"block_mask must be an mmattn.BlockMask (anything with to_dense()), got "
+                        f"{type(block_mask).__name__}")
+    dense = block_mask.to_dense()
+    if not isinstance(dense, Tensor) or dense.dtype != torch.bool:
+        raise TypeError("block_mask.to_dense() must return a bool tensor")
+    try:
+        dense = dense.to(device).expand(target)
+    except RuntimeError as exc:
+        raise ValueError(f"block_mask covers {_shape(dense)}, which does not broadcast to "
+                         f"(B, Hq, Lq, Lk) = {target}") from exc
+    if attn_mask is None:
+        return dense
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & dense
+    return attn_mask.masked_fill(~dense, -math.inf)
+
+
+def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> str | None:
+    """Why ``backend`` cannot run this attention call, or None."""
+    if backend == "reference":
+        return None
+    if backend not in ops.ATTENTION_FORWARD:
+        return f"no {backend} attention kernel is built into this mmattn"
+    if backend in ("cpu", "cuda"):
+        if q.device.type != backend:
+            return f"the {backend} backend needs {backend} tensors, got {q.device.type}"
+        reason = dispatch.extension_reason("attention_forward", q.device)
+        if reason is not None:
+            return reason
+    if backend == "triton":
+        reason = dispatch.triton_reason(q.device)
+        if reason is not None:
+            return reason
+    if q.dtype == torch.float64:
+        return "float64 runs on the reference backend only"
+    return None
+
+
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None, block_mask: Any = None, is_causal: bool = False,
+    dropout_p: float = 0.0, scale: float | None = None, return_weights: bool = False,
+    backend: str | None = None, dropout_seed: int | Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-head attention of queries over keys/values from another modality.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, one dtype
+            (float32, float16, bfloat16; float64 on the reference backend), any strides.
+            ``Hq % Hkv == 0`` (grouped-query / multi-query attention); ``Dv`` may differ
+            from ``D``; ``Lq`` and ``Lk`` are independent and may be 0.
+        attn_mask: bool (True = may attend, as ``F.scaled_dot_product_attention``) or
+            float (added to the scores), broadcastable to ``(B, Hq, Lq, Lk)``. A float
+            mask that requires grad receives its gradient.
+        key_padding_mask: ``(B, Lk)`` bool, True = padding (as ``nn.MultiheadAttention``).
+        block_mask: an :class:`mmattn.BlockMask`; combined with the other masks.
+        is_causal: top-left aligned causal mask (query i sees keys j <= i), as SDPA.
+        dropout_p: probability of dropping an attention weight, in [0, 1].
+        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        return_weights: also return the weights that multiplied V (after dropout, as
+            ``nn.MultiheadAttention``), ``(B, Hq, Lq, Lk)``.
+        backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None (automatic).
+        dropout_seed: Philox key for dropout (``0 <= seed < 2**63``); None draws one from
+            torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
+
+    Returns:
+        ``out`` ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, weights)``.
+
+    A query row with no visible key returns 0 (weights 0, gradients 0), never NaN:
+    this is the one documented difference from SDPA.
+    """
+    _validate_qkv(q, k, v)
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    target = (b, hq, lq, lk)
+    mask = _normalise_attn_mask(attn_mask, target, q)
+    mask = _fold_block_mask(block_mask, mask, target, q.device)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = padding), got "
+                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+        if tuple(key_padding_mask.shape) != (b, lk):
+            raise ValueError(f"key_padding_mask must have shape (B, Lk) = {(b, lk)}, got "
+                             f"{_shape(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+    seed_tensor = None
+    if dropout_p > 0.0:
+        if dropout_seed is None:
+            seed_tensor = torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
+        elif isinstance(dropout_seed, Tensor):
+            seed_tensor = dropout_seed.detach().to("cpu", torch.int64).reshape(())
+        elif isinstance(dropout_seed, int) and 0 <= dropout_seed <= _MAX_SEED:
+            seed_tensor = torch.tensor(dropout_seed, dtype=torch.int64)
+        else:
+            raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got "
+                             f"{dropout_seed!r}")
+
+    name = dispatch.resolve_backend(
+        "cross_attention", q.device, backend,
+        lambda candidate: _unsupported(candidate, q, dropout=dropout_p > 0,
+                                       weights=return_weights),
+    )
+    out, _lse, weights = ops.attention_forward(
+        q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p), float(scale),
+        seed_tensor, bool(return_weights), name,
+    )
+    return (out, weights) if return_weights else out

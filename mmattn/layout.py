@@ -1,0 +1,154 @@
+"""``SparseLayout``: which entries of a weight matrix exist, compressed both ways.
+
+A layout describes an ``(out_features, in_features)`` matrix whose kept entries
+(or kept ``block_size x block_size`` blocks) are stored as CSR, plus the CSR of
+its transpose so kernels can run ``dX = dY @ W`` as a row-parallel SpMM too.
+Weights live outside the layout, as a ``(nnz,)`` (or ``(nnz, bs, bs)``) tensor in
+CSR order; ``transpose_perm`` maps transposed order back to CSR order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _csr_from_coo(rows: Tensor, cols: Tensor, num_rows: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=num_rows)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(counts, 0)
+    return crow
+
+
+@dataclass(frozen=True, eq=False)
+class SparseLayout:
+    """Compressed sparsity pattern of an ``(out_features, in_features)`` weight.
+
+    Attributes (all int32, contiguous, on ``device``):
+        crow_indices: ``(num_block_rows + 1,)`` CSR row pointers.
+        col_indices: ``(nnz,)`` block column of each kept entry, sorted within rows.
+        row_indices: ``(nnz,)`` block row of each kept entry (COO form of the CSR).
+        ccol_indices: ``(num_block_cols + 1,)`` pointers of the transpose (CSC).
+        row_indices_t: ``(nnz,)`` block row of each entry in column-major order.
+        transpose_perm: ``(nnz,)`` CSR index of each entry in column-major order.
+
+    ``nnz`` counts stored blocks; with ``block_size == 1`` a block is one element.
+    """
+
+    shape: tuple[int, int]
+    block_size: int
+    crow_indices: Tensor
+    col_indices: Tensor
+    row_indices: Tensor
+    ccol_indices: Tensor
+    row_indices_t: Tensor
+    transpose_perm: Tensor
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, block_size: int = 1) -> SparseLayout:
+        """Layout of the True entries of a 2-D bool ``mask`` (out_features, in_features).
+
+        With ``block_size > 1`` a block is kept when any of its elements is True;
+        edge blocks of lengths that are not multiples of the block size are partial.
+        """
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            raise ValueError(f"mask must be a 2-D tensor, got {type(mask).__name__} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        out_features, in_features = mask.shape
+        mask = mask.detach().to("cpu", torch.bool)
+        if block_size > 1:
+            bs = block_size
+            nbr, nbc = -(-out_features // bs), -(-in_features // bs)
+            padded = torch.zeros(nbr * bs, nbc * bs, dtype=torch.bool)
+            padded[:out_features, :in_features] = mask
+            mask = padded.view(nbr, bs, nbc, bs).any(dim=3).any(dim=1)
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls.from_coo(rows, cols, (out_features, in_features), block_size)
+
+    @classmethod
+    def from_coo(cls, rows: Tensor, cols: Tensor, shape: tuple[int, int],
+                 block_size: int = 1) -> SparseLayout:
+        """Layout from kept (block) coordinates; duplicates are merged."""
+        out_features, in_features = int(shape[0]), int(shape[1])
+        if out_features < 0 or in_features < 0:
+            raise ValueError(f"shape must be non-negative, got {shape}")
+        nbr = -(-out_features // block_size)
+        nbc = -(-in_features // block_size)
+        rows = torch.as_tensor(rows, dtype=torch.int64).flatten()
+        cols = torch.as_tensor(cols, dtype=torch.int64).flatten()
+        if rows.shape != cols.shape:
+            raise ValueError("rows and cols must have the same length")
+        if rows.numel() and (rows.min() < 0 or rows.max() >= nbr or cols.min() < 0
+                             or cols.max() >= nbc):
+            raise ValueError(f"coordinates out of range for a {nbr} x {nbc} (block) grid")
+        keys = torch.unique(rows * max(nbc, 1) + cols)  # sorted: row-major, unique
+        rows, cols = keys // max(nbc, 1), keys % max(nbc, 1)
+        crow = _csr_from_coo(rows, cols, nbr)
+        perm = torch.argsort(cols * max(nbr, 1) + rows)
+        ccol = _csr_from_coo(cols, rows, nbc)
+
+        def i32(t: Tensor) -> Tensor:
+            return t.to(torch.int32).contiguous()
+
+        return cls((out_features, in_features), block_size, i32(crow), i32(cols), i32(rows),
+                   i32(ccol), i32(rows[perm]), i32(perm))
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries (blocks when ``block_size > 1``)."""
+        return int(self.col_indices.numel())
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of weight values the layout stores: ``nnz * block_size**2``."""
+        return self.nnz * self.block_size**2
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense matrix covered by stored entries (padding excluded)."""
+        total = self.shape[0] * self.shape[1]
+        return float(self.to_dense().sum()) / total if total else 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow_indices.device
+
+    def to(self, device: torch.device | str) -> SparseLayout:
+        """The same layout with its index tensors on ``device``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return SparseLayout(self.shape, self.block_size,
+                            *(t.to(device) for t in self.index_tensors()))
+
+    def index_tensors(self) -> tuple[Tensor, ...]:
+        """``(crow, col, row, ccol, row_t, perm)``, the order the kernels take them."""
+        return (self.crow_indices, self.col_indices, self.row_indices, self.ccol_indices,
+                self.row_indices_t, self.transpose_perm)
+
+    def to_dense(self) -> Tensor:
+        """Bool ``(out_features, in_features)`` mask of the stored entries."""
+        bs = self.block_size
+        nbr = self.crow_indices.numel() - 1
+        nbc = self.ccol_indices.numel() - 1
+        grid = torch.zeros(nbr, nbc, dtype=torch.bool, device=self.device)
+        grid[self.row_indices.long(), self.col_indices.long()] = True
+        if bs > 1:
+            grid = grid.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+        return grid[: self.shape[0], : self.shape[1]]
+
+    def __repr__(self) -> str:
+        return (f"SparseLayout(shape={self.shape}, block_size={self.block_size}, "
+                f"nnz={self.nnz}, density={self.density:.4f})")

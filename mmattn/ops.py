@@ -1,0 +1,172 @@
+"""``torch.library`` custom ops of mmattn: one per computation, whatever the backend.
+
+Layering (as flash-attention's interface): public function (validation and
+backend choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> custom op here (fake
+kernel for tracing, registered autograd) -> the backend's kernel. The chosen
+backend travels as a string argument, so ``torch.compile`` sees one opaque op per
+call and ``torch.library.opcheck`` can test each backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmattn import reference
+
+# Backend name -> implementation. Kernel backends add themselves here as they
+# are built (the reference entry is the fallback and always present).
+ATTENTION_FORWARD = {"reference": reference.attention_forward}
+ATTENTION_BACKWARD = {"reference": reference.attention_backward}
+WS_LINEAR_FORWARD = {"reference": reference.ws_linear}
+WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward}
+
+
+def _seed_value(dropout_seed: Tensor | None) -> int | None:
+    return None if dropout_seed is None else int(dropout_seed.item()) & (2**64 - 1)
+
+
+@torch.library.custom_op("mmattn::attention_forward", mutates_args=())
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
+    return_weights: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused attention forward; returns ``(out, lse, weights)`` (see reference)."""
+    impl = ATTENTION_FORWARD[backend]
+    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                _seed_value(dropout_seed), return_weights)
+
+
+@attention_forward.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+      return_weights, backend):
+    b, hq, lq, _ = q.shape
+    out = q.new_empty(b, hq, lq, v.shape[-1])
+    lse = q.new_empty(b, hq, lq, dtype=torch.float32)
+    weights = q.new_empty(b, hq, lq, k.shape[2]) if return_weights else q.new_empty(0)
+    return out, lse, weights
+
+
+@torch.library.custom_op("mmattn::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+    out: Tensor, lse: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
+    mask_needs_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused attention backward; returns ``(dq, dk, dv, d_attn_mask)``.
+
+    ``out`` and ``lse`` are the forward's saved outputs (kernels use them instead
+    of recomputing the softmax statistics). A gradient flowing into the returned
+    weights, or a float mask that needs a gradient, is handled by the reference.
+    """
+    if grad_weights is not None or mask_needs_grad:
+        backend = "reference"
+    impl = ATTENTION_BACKWARD[backend]
+    if backend == "reference":
+        return impl(grad_out, grad_weights, q, k, v, attn_mask, key_padding_mask, is_causal,
+                    dropout_p, scale, _seed_value(dropout_seed), mask_needs_grad)
+    return impl(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
+                dropout_p, scale, _seed_value(dropout_seed))
+
+
+@attention_backward.register_fake
+def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
+      dropout_p, scale, dropout_seed, mask_needs_grad, backend):
+    b, hq, lq, _ = q.shape
+    d_mask = q.new_empty(b, hq, lq, k.shape[2]) if mask_needs_grad else q.new_empty(0)
+    if mask_needs_grad and attn_mask is not None:
+        d_mask = d_mask.to(attn_mask.dtype)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_mask
+
+
+def _attention_setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+     _return_weights, backend) = inputs
+    out, lse, _weights = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed)
+    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend = is_causal, dropout_p, scale, backend
+    ctx.mask_needs_grad = (
+        attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
+    )
+
+
+def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
+    q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed = ctx.saved_tensors
+    if grad_weights is not None and grad_weights.numel() == 0:
+        grad_weights = None
+    dq, dk, dv, d_mask = attention_backward(
+        grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
+        ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
+    )
+    return (dq, dk, dv, d_mask if ctx.mask_needs_grad else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "mmattn::attention_forward", _attention_backward, setup_context=_attention_setup_context
+)
+
+
+@torch.library.custom_op("mmattn::ws_linear", mutates_args=())
+def ws_linear(
+    x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
+    ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
+    block_size: int, bias: Tensor | None, backend: str,
+) -> Tensor:
+    """``y = x @ W^T + bias`` for W stored as a compressed layout (see SparseLayout).
+
+    The transposed index arrays are arguments so kernel backends can run dX as a
+    transposed SpMM without building them per call.
+    """
+    impl = WS_LINEAR_FORWARD[backend]
+    return impl(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+                transpose_perm, out_features, block_size, bias)
+
+
+@ws_linear.register_fake
+def _(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+      transpose_perm, out_features, block_size, bias, backend):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("mmattn::ws_linear_backward", mutates_args=())
+def ws_linear_backward(
+    grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+    row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
+    out_features: int, block_size: int, has_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, d_values, d_bias)``; ``d_values`` only on kept entries."""
+    impl = WS_LINEAR_BACKWARD[backend]
+    return impl(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices,
+                row_indices_t, transpose_perm, out_features, block_size, has_bias)
+
+
+
+
+@ws_linear_backward.register_fake
+def _(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+      transpose_perm, out_features, block_size, has_bias, backend):
+    d_bias = x.new_empty(out_features) if has_bias else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(values), d_bias
+
+
+def _ws_setup_context(ctx, inputs, output):
+    (x, values, crow, col, rows, ccol, rows_t, perm, out_features, block_size, bias,
+     backend) = inputs
+    ctx.save_for_backward(x, values, crow, col, rows, ccol, rows_t, perm)
+    ctx.out_features, ctx.block_size, ctx.backend = out_features, block_size, backend
+    ctx.has_bias = bias is not None
+
+
+def _ws_backward(ctx, grad_y):
+    x, values, crow, col, rows, ccol, rows_t, perm = ctx.saved_tensors
+    dx, d_values, d_bias = ws_linear_backward(
+        grad_y.contiguous(), x, values, crow, col, rows, ccol, rows_t, perm, ctx.out_features,
+        ctx.block_size, ctx.has_bias, ctx.backend)
+    return (dx, d_values, None, None, None, None, None, None, None, None,
+            d_bias if ctx.has_bias else None, None)
+
+
+torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)

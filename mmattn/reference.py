@@ -1,0 +1,239 @@
+"""Pure-PyTorch reference implementations: the fallback backend and the test oracle.
+
+They materialise the full ``(B, Hq, Lq, Lk)`` score matrix and favour clarity over
+speed. Arithmetic runs in float32 for half inputs and in float64 for float64
+inputs, so a float64 call is the oracle every backend is measured against.
+
+Inputs arrive validated and normalised by :mod:`mmattn.attention` /
+:mod:`mmattn.ws`; these functions do not re-check them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mmattn.philox import dropout_keep_mask
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv_heads(t: Tensor, num_q_heads: int) -> Tensor:
+    """(B, Hkv, L, D) -> (B, Hq, L, D): each kv head serves Hq // Hkv query heads."""
+    group = num_q_heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def _sum_kv_groups(grad: Tensor, num_kv_heads: int) -> Tensor:
+    """Inverse of :func:`_expand_kv_heads` for gradients: sum each query-head group."""
+    b, hq, length, d = grad.shape
+    group = hq // num_kv_heads
+    return grad if group == 1 else grad.view(b, num_kv_heads, group, length, d).sum(2)
+
+
+def _scores_and_visibility(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Masked, scaled scores and the bool visibility of each (query, key) pair."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    k_full = _expand_kv_heads(k, hq).to(dtype)
+    scores = torch.matmul(q.to(dtype), k_full.transpose(-1, -2)) * scale
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            scores = scores + attn_mask.to(dtype)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask.view(b, 1, 1, lk)
+    if is_causal:
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        visible = visible & causal
+    # A float mask of -inf hides a key just as a False bool entry does.
+    visible = (visible & (scores > -math.inf)).expand(b, hq, lq, lk)
+    scores = scores.masked_fill(~visible, -math.inf)
+    return scores, visible
+
+
+def _softmax_rows(scores: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over keys and its logsumexp; rows with no visible key give 0 and +inf.
+
+    The +inf logsumexp makes ``exp(score - lse)`` vanish for such rows, which is
+    how the fused kernels recompute probabilities in their backward pass.
+    """
+    if scores.shape[-1] == 0:
+        lse = torch.full(scores.shape[:-1], math.inf, dtype=scores.dtype, device=scores.device)
+        return torch.zeros_like(scores), lse
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp = torch.exp(scores - row_max).masked_fill(~visible, 0.0)
+    denom = exp.sum(dim=-1, keepdim=True)
+    has_key = denom > 0
+    probs = torch.where(has_key, exp / torch.where(has_key, denom, torch.ones_like(denom)), 0.0)
+    lse = torch.where(has_key, row_max + torch.log(torch.where(has_key, denom, 1.0)), math.inf)
+    return probs, lse.squeeze(-1)
+
+
+def _dropout_scale(probs: Tensor, dropout_p: float, seed: int | None) -> Tensor | None:
+    """Per-element factor ``keep / (1 - p)`` of the Philox dropout mask, or None."""
+    if dropout_p <= 0.0:
+        return None
+    b, h, lq, lk = probs.shape
+    keep = dropout_keep_mask(seed or 0, dropout_p, b, h, lq, lk, device=probs.device)
+    factor = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    return keep.to(probs.dtype) * factor
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float, dropout_seed: int | None,
+    return_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference attention forward.
+
+    Args:
+        q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv); Hq % Hkv == 0.
+        attn_mask: bool (True = may attend) or float (added to scores), broadcastable
+            to (B, Hq, Lq, Lk), or None.
+        key_padding_mask: (B, Lk) bool, True = padding, or None.
+        is_causal: top-left aligned causal mask (key j visible to query i iff j <= i).
+        dropout_p, dropout_seed: Philox dropout on the probabilities (mmattn.philox).
+        scale: multiplier of q @ k^T.
+        return_weights: also return the (dropped-out) probabilities.
+
+    Returns:
+        ``out`` (B, Hq, Lq, Dv) in q's dtype, ``lse`` (B, Hq, Lq) float32 (+inf for
+        rows with no visible key) and ``weights`` (B, Hq, Lq, Lk) in q's dtype, or an
+        empty tensor when ``return_weights`` is False.
+    """
+    scores, visible = _scores_and_visibility(q, k, attn_mask, key_padding_mask, is_causal, scale)
+    probs, lse = _softmax_rows(scores, visible)
+    drop = _dropout_scale(probs, dropout_p, dropout_seed)
+    if drop is not None:
+        probs = probs * drop
+    v_full = _expand_kv_heads(v, q.shape[1]).to(probs.dtype)
+    out = torch.matmul(probs, v_full).to(q.dtype)
+    weights = probs.to(q.dtype) if return_weights else q.new_empty(0)
+    return out, lse.to(torch.float32), weights
+
+
+def attention_backward(
+    grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+    dropout_p: float, scale: float, dropout_seed: int | None, mask_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference attention backward, written out as the fused kernels compute it.
+
+    With ``P`` the softmax, ``Z`` the dropout factor and ``dW`` the gradient of the
+    returned weights: ``dV = (P*Z)^T dO``, ``dP = (dO V^T + dW) * Z``,
+    ``dS = P * (dP - rowsum(dP * P))``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``;
+    for a float ``attn_mask`` the mask gradient is ``dS``. Rows with no visible
+    key have ``P = 0`` and so contribute no gradient.
+
+    Returns:
+        dq, dk, dv in the input dtypes, and the (B, Hq, Lq, Lk) mask gradient (an
+        empty tensor unless ``mask_needs_grad``).
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    scores, visible = _scores_and_visibility(q, k, attn_mask, key_padding_mask, is_causal, scale)
+    probs, _ = _softmax_rows(scores, visible)
+    dtype = probs.dtype
+    drop = _dropout_scale(probs, dropout_p, dropout_seed)
+    dropped = probs if drop is None else probs * drop
+    d_out = grad_out.to(dtype)
+    v_full = _expand_kv_heads(v, hq).to(dtype)
+    k_full = _expand_kv_heads(k, hq).to(dtype)
+    dv = torch.matmul(dropped.transpose(-1, -2), d_out)
+    d_dropped = torch.matmul(d_out, v_full.transpose(-1, -2))
+    if grad_weights is not None:
+        d_dropped = d_dropped + grad_weights.to(dtype)
+    d_probs = d_dropped if drop is None else d_dropped * drop
+    d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(d_scores, k_full) * scale
+    dk = torch.matmul(d_scores.transpose(-1, -2), q.to(dtype)) * scale
+    d_mask = d_scores if mask_needs_grad else q.new_empty(0)
+    return (
+        dq.to(q.dtype),
+        _sum_kv_groups(dk, hkv).to(k.dtype),
+        _sum_kv_groups(dv, hkv).to(v.dtype),
+        d_mask.to(attn_mask.dtype) if mask_needs_grad and attn_mask is not None else d_mask,
+    )
+
+
+def layout_to_dense_weight(
+    values: Tensor, crow_indices: Tensor, col_indices: Tensor, out_features: int,
+    in_features: int, block_size: int = 1,
+) -> Tensor:
+    """Scatter compressed weights into a dense ``(out_features, in_features)`` matrix.
+
+    ``values`` is ``(nnz,)`` for an element layout, or ``(nnz_blocks, bs, bs)`` for a
+    block layout whose CSR indices count blocks. Differentiable in ``values``.
+    Lengths that are not multiples of the block size are cropped at the edge.
+    """
+    rows = torch.repeat_interleave(
+        torch.arange(crow_indices.numel() - 1, device=values.device),
+        (crow_indices[1:] - crow_indices[:-1]).to(torch.int64),
+    )
+    cols = col_indices.to(torch.int64)
+    if block_size == 1:
+        dense = values.new_zeros(out_features, in_features)
+        return dense.index_put((rows, cols), values)
+    nbr = crow_indices.numel() - 1
+    nbc = -(-in_features // block_size)
+    blocks = values.new_zeros(nbr, nbc, block_size, block_size)
+    blocks = blocks.index_put((rows, cols), values)
+    dense = blocks.permute(0, 2, 1, 3).reshape(nbr * block_size, nbc * block_size)
+    return dense[:out_features, :in_features]
+
+
+def ws_linear(
+    x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
+    ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
+    block_size: int, bias: Tensor | None,
+) -> Tensor:
+    """Reference ``y = x @ W^T + bias`` with W given by a compressed layout.
+
+    Only the CSR arrays are read; the transposed ones exist for kernel backends.
+    """
+    weight = layout_to_dense_weight(
+        values, crow_indices, col_indices, out_features, x.shape[-1], block_size
+    )
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+def ws_linear_backward(
+    grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+    row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
+    out_features: int, block_size: int, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference gradients of :func:`ws_linear`: ``(dx, d_values, d_bias)``.
+
+    ``d_values`` is the dense ``dy^T x`` read at the kept entries (blocks), so
+    dropped entries never receive a gradient; ``d_bias`` is empty without a bias.
+    """
+    in_features = x.shape[-1]
+    dtype = _compute_dtype(x.dtype)
+    weight = layout_to_dense_weight(
+        values.to(dtype), crow_indices, col_indices, out_features, in_features, block_size)
+    gy = grad_y.reshape(-1, out_features).to(dtype)
+    x2 = x.reshape(-1, in_features).to(dtype)
+    dx = (gy @ weight).reshape(x.shape).to(x.dtype)
+    d_dense = gy.t() @ x2
+    if block_size == 1:
+        d_values = d_dense[row_indices.long(), col_indices.long()]
+    else:
+        bs = block_size
+        nbr, nbc = crow_indices.numel() - 1, -(-in_features // bs)
+        padded = d_dense.new_zeros(nbr * bs, nbc * bs)
+        padded[:out_features, :in_features] = d_dense
+        blocks = padded.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3)
+        d_values = blocks[row_indices.long(), col_indices.long()]
+    d_bias = gy.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
+    return dx, d_values.to(values.dtype), d_bias
