@@ -170,3 +170,19 @@ def _ws_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)
+
+
+# ---- fake kernels of the C++ operators in mmattn._C (shapes only, for tracing) -----------
+
+def _register_extension_fakes() -> None:
+    from mmattn._extension import extension_loaded
+
+    if not extension_loaded():
+        return
+
+    @torch.library.register_fake("mmattn::philox_uniform")
+    def _(counter0, counter1, seed):
+        return torch.empty_like(counter0, dtype=torch.float32)
+
+
+_register_extension_fakes()
