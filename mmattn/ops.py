@@ -14,12 +14,43 @@ from torch import Tensor
 
 from mmattn import reference
 
+# ---- ws_linear launchers of the C++ CPU kernels (csrc/cpu/ws_linear_cpu.cpp) ---------------
+# Same signatures as reference.ws_linear / reference.ws_linear_backward. The kernels take
+# 2-D (batch, features) inputs with any strides; leading dimensions are flattened here.
+
+def _ws_linear_cpu(
+    x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
+    ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
+    block_size: int, bias: Tensor | None,
+) -> Tensor:
+    """``mmattn::ws_spmm`` on ``x.reshape(-1, in_features)``; returns ``(..., out_features)``."""
+    if x.dim() == 2:
+        return torch.ops.mmattn.ws_spmm.default(x, values, crow_indices, col_indices,
+                                                out_features, block_size, bias)
+    y = torch.ops.mmattn.ws_spmm.default(x.reshape(-1, x.shape[-1]), values, crow_indices,
+                                         col_indices, out_features, block_size, bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _ws_linear_backward_cpu(
+    grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+    row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
+    out_features: int, block_size: int, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mmattn::ws_spmm_backward``: ``(dx like x (contiguous), d_values, d_bias)``."""
+    dx, d_values, d_bias = torch.ops.mmattn.ws_spmm_backward.default(
+        grad_y.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), values, crow_indices,
+        col_indices, ccol_indices, row_indices_t, transpose_perm, block_size, has_bias)
+    return dx.view(x.shape), d_values, d_bias
+
+
 # Backend name -> implementation. Kernel backends add themselves here as they
-# are built (the reference entry is the fallback and always present).
+# are built (the reference entry is the fallback and always present). Whether a
+# backend can run a given call is decided in mmattn.attention / mmattn.ws.
 ATTENTION_FORWARD = {"reference": reference.attention_forward}
 ATTENTION_BACKWARD = {"reference": reference.attention_backward}
-WS_LINEAR_FORWARD = {"reference": reference.ws_linear}
-WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward}
+WS_LINEAR_FORWARD = {"reference": reference.ws_linear, "cpu": _ws_linear_cpu}
+WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward, "cpu": _ws_linear_backward_cpu}
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int | None:
@@ -143,13 +174,11 @@ def ws_linear_backward(
                 row_indices_t, transpose_perm, out_features, block_size, has_bias)
 
 
-
-
 @ws_linear_backward.register_fake
 def _(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
       transpose_perm, out_features, block_size, has_bias, backend):
     d_bias = x.new_empty(out_features) if has_bias else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(values), d_bias
+    return x.new_empty(x.shape), values.new_empty(values.shape), d_bias
 
 
 def _ws_setup_context(ctx, inputs, output):
@@ -160,16 +189,78 @@ def _ws_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _ws_gradients(backward_op, grad_y: Tensor, x: Tensor, values: Tensor,
+                  index: tuple[Tensor, ...], out_features: int, block_size: int,
+                  has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(dx, d_values, d_bias or None)`` of ws_linear; one home for both autograd paths."""
+    dx, d_values, d_bias = backward_op(grad_y.contiguous(), x, values, *index, out_features,
+                                       block_size, has_bias, backend)
+    return dx, d_values, d_bias if has_bias else None
+
+
 def _ws_backward(ctx, grad_y):
-    x, values, crow, col, rows, ccol, rows_t, perm = ctx.saved_tensors
-    dx, d_values, d_bias = ws_linear_backward(
-        grad_y.contiguous(), x, values, crow, col, rows, ccol, rows_t, perm, ctx.out_features,
-        ctx.block_size, ctx.has_bias, ctx.backend)
-    return (dx, d_values, None, None, None, None, None, None, None, None,
-            d_bias if ctx.has_bias else None, None)
+    x, values, *index = ctx.saved_tensors
+    dx, d_values, d_bias = _ws_gradients(ws_linear_backward, grad_y, x, values, tuple(index),
+                                         ctx.out_features, ctx.block_size, ctx.has_bias,
+                                         ctx.backend)
+    return dx, d_values, None, None, None, None, None, None, None, None, d_bias, None
 
 
 torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)
+
+
+def _ws_linear_backward_table(grad_y, x, values, *args):
+    *rest, backend = args
+    return WS_LINEAR_BACKWARD[backend](grad_y, x, values, *rest)
+
+
+class _WSLinearEager(torch.autograd.Function):
+    """Eager twin of ``mmattn::ws_linear``: the same backend tables and gradients.
+
+    In torch 2.13 the autograd wrapper of a ``torch.library.custom_op`` with a
+    ``setup_context`` costs ~50 us per call (``torch._library.utils.fill_defaults`` re-reads
+    the 12-argument schema once per argument), twice the whole seed-002 layer. Eager calls
+    therefore run through this Function; traced calls (``torch.compile``,
+    ``torch.export``) use the custom op, see :func:`ws_linear_call`. ``forward(ctx, ...)``
+    rather than a separate ``setup_context`` (with which ``apply`` binds arguments through
+    ``inspect.signature`` on every call), and few arguments (``apply`` visits each one):
+    the int32 index tensors never need gradients, so they travel in ``meta`` on ``ctx``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, bias, meta):
+        index, out_features, block_size, backend = meta
+        ctx.save_for_backward(x, values)
+        ctx.meta = meta
+        ctx.has_bias = bias is not None
+        return WS_LINEAR_FORWARD[backend](x, values, *index, out_features, block_size, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, values = ctx.saved_tensors
+        index, out_features, block_size, backend = ctx.meta
+        dx, d_values, d_bias = _ws_gradients(_ws_linear_backward_table, grad_y, x, values,
+                                             index, out_features, block_size, ctx.has_bias,
+                                             backend)
+        return dx, d_values, d_bias, None
+
+
+def ws_linear_call(
+    x: Tensor, values: Tensor, index: tuple[Tensor, ...], out_features: int, block_size: int,
+    bias: Tensor | None, backend: str,
+) -> Tensor:
+    """Runs ``mmattn::ws_linear`` for validated arguments (``index``: the layout's six
+    index tensors, :meth:`SparseLayout.index_tensors` order) on the cheapest eager path.
+
+    Traced: the custom op. Eager with autograd: :class:`_WSLinearEager`. Eager without
+    anything needing a gradient: the backend's forward directly.
+    """
+    if torch.compiler.is_compiling():
+        return ws_linear(x, values, *index, out_features, block_size, bias, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return _WSLinearEager.apply(x, values, bias, (index, out_features, block_size, backend))
+    return WS_LINEAR_FORWARD[backend](x, values, *index, out_features, block_size, bias)
 
 
 # ---- fake kernels of the C++ operators in mmattn._C (shapes only, for tracing) -----------
@@ -183,6 +274,21 @@ def _register_extension_fakes() -> None:
     @torch.library.register_fake("mmattn::philox_uniform")
     def _(counter0, counter1, seed):
         return torch.empty_like(counter0, dtype=torch.float32)
+
+    @torch.library.register_fake("mmattn::ws_spmm")
+    def _(x, values, crow_indices, col_indices, out_features, block_size, bias):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("mmattn::ws_sddmm")
+    def _(grad_y, x, crow_indices, col_indices, block_size):
+        nnz = col_indices.shape[0]
+        return x.new_empty((nnz,) if block_size == 1 else (nnz, block_size, block_size))
+
+    @torch.library.register_fake("mmattn::ws_spmm_backward")
+    def _(grad_y, x, values, crow_indices, col_indices, ccol_indices, row_indices_t,
+          transpose_perm, block_size, has_bias):
+        d_bias = x.new_empty(grad_y.shape[1] if has_bias else 0)
+        return x.new_empty(x.shape), values.new_empty(values.shape), d_bias
 
 
 _register_extension_fakes()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -9,6 +12,16 @@ from mmattn import dispatch, ops
 from mmattn.layout import SparseLayout
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The C++ kernels (mmattn::ws_spmm, csrc/cpu/ws_linear_cpu.cpp) compute in float32;
+# float64 calls go to the reference.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _extension_reason(device_type: str) -> str | None:
+    # Fixed once mmattn._C is imported; cached because the query costs microseconds
+    # per call, a tenth of a seed-sized layer.
+    return dispatch.extension_reason("ws_spmm", torch.device(device_type))
 
 
 def _unsupported(backend: str, x: Tensor) -> str | None:
@@ -16,11 +29,56 @@ def _unsupported(backend: str, x: Tensor) -> str | None:
         return None
     if backend not in ops.WS_LINEAR_FORWARD:
         return f"no {backend} ws_linear kernel is built into this mmattn"
-    if backend in ("cpu", "cuda") and x.device.type != backend:
-        return f"the {backend} backend needs {backend} tensors, got {x.device.type}"
+    device_type = x.device.type
+    if backend in ("cpu", "cuda") and device_type != backend:
+        return f"the {backend} backend needs {backend} tensors, got {device_type}"
     if backend in ("cpu", "cuda"):
-        return dispatch.extension_reason("ws_linear", x.device)
+        if x.dtype not in _KERNEL_DTYPES:
+            return (f"the {backend} ws_linear kernel supports float32/float16/bfloat16, "
+                    f"got {x.dtype}")
+        return _extension_reason(device_type)
     return dispatch.triton_reason(x.device)
+
+
+# SparseLayout -> its copies on other devices, so a layout used with CUDA tensors is
+# copied once, not per call. Weak keys: a copy lives as long as its layout.
+_DEVICE_COPIES: weakref.WeakKeyDictionary[SparseLayout, dict[torch.device, SparseLayout]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _layout_on(layout: SparseLayout, device: torch.device) -> SparseLayout:
+    if layout.crow_indices.device == device:
+        return layout
+    copies = _DEVICE_COPIES.setdefault(layout, {})
+    if device not in copies:
+        copies[device] = layout.to(device)
+    return copies[device]
+
+
+def _check_input(x: Tensor, in_features: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor with at least one dimension (..., in_features)")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32/float16/bfloat16/float64, got {x.dtype}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the layout "
+                         f"expects in_features={in_features}")
+
+
+def _check_parameters(x: Tensor, weight: Tensor, bias: Tensor | None,
+                      weight_shape: tuple[int, ...], out_features: int) -> None:
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != weight_shape:
+        raise ValueError(f"weight must have shape {weight_shape} (the layout's kept entries), "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"weight must match x in dtype and device ({x.dtype}, {x.device}), got "
+                        f"{weight.dtype}, {weight.device}")
+    if bias is not None and (not isinstance(bias, Tensor) or
+                             tuple(bias.shape) != (out_features,) or
+                             bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be ({out_features},) with x's dtype and device, got "
+                         f"{tuple(getattr(bias, 'shape', ()))} {getattr(bias, 'dtype', None)} "
+                         f"{getattr(bias, 'device', None)}")
 
 
 def ws_linear(x: Tensor, weight: Tensor, layout: SparseLayout, bias: Tensor | None = None,
@@ -28,7 +86,7 @@ def ws_linear(x: Tensor, weight: Tensor, layout: SparseLayout, bias: Tensor | No
     """Sparse linear layer over a compressed layout.
 
     Args:
-        x: ``(..., in_features)``, float32/float16/bfloat16/float64.
+        x: ``(..., in_features)``, float32/float16/bfloat16/float64, any strides.
         weight: the kept values in CSR order: ``(layout.nnz,)``, or
             ``(layout.nnz, bs, bs)`` for a block layout (``bs = layout.block_size``).
         layout: a :class:`SparseLayout` of shape ``(out_features, in_features)``.
@@ -41,26 +99,35 @@ def ws_linear(x: Tensor, weight: Tensor, layout: SparseLayout, bias: Tensor | No
     """
     if not isinstance(layout, SparseLayout):
         raise TypeError(f"layout must be an mmattn.SparseLayout, got {type(layout).__name__}")
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError("x must be a tensor with at least one dimension (..., in_features)")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32/float16/bfloat16/float64, got {x.dtype}")
-    if x.shape[-1] != layout.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the layout "
-                         f"expects in_features={layout.in_features}")
+    _check_input(x, layout.in_features)
     bs = layout.block_size
-    expected = (layout.nnz,) if bs == 1 else (layout.nnz, bs, bs)
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != expected:
-        raise ValueError(f"weight must have shape {expected} (the layout's kept entries), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+    nnz = layout.col_indices.shape[0]
+    _check_parameters(x, weight, bias, (nnz,) if bs == 1 else (nnz, bs, bs),
+                      layout.out_features)
+    index = _layout_on(layout, x.device).index_tensors()
+    return _call(x, weight, index, layout.out_features, bs, bias, backend)
+
+
+def ws_linear_indexed(x: Tensor, weight: Tensor, index: tuple[Tensor, ...],
+                      shape: tuple[int, int], block_size: int, bias: Tensor | None = None, *,
+                      backend: str | None = None) -> Tensor:
+    """:func:`ws_linear` for a layout given as its index tensors, already on x's device.
+
+    For modules that hold a layout as buffers (:mod:`mmattn.nn`): ``index`` is
+    :meth:`SparseLayout.index_tensors` of a valid layout of ``shape = (out_features,
+    in_features)``, and ``weight`` / ``bias`` have the layout's shapes. Those are trusted,
+    which keeps a seed-sized call a few microseconds above the kernel; ``x`` is checked,
+    also against the weight's dtype and device.
+    """
+    _check_input(x, shape[1])
     if weight.dtype != x.dtype or weight.device != x.device:
-        raise TypeError(f"weight must match x in dtype and device ({x.dtype}, {x.device}), got "
-                        f"{weight.dtype}, {weight.device}")
-    if bias is not None and (tuple(bias.shape) != (layout.out_features,) or
-                             bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be ({layout.out_features},) with x's dtype and device, got "
-                         f"{tuple(bias.shape)} {bias.dtype} {bias.device}")
+        raise TypeError(f"x must match the weight in dtype and device ({weight.dtype}, "
+                        f"{weight.device}), got {x.dtype}, {x.device}")
+    return _call(x, weight, index, shape[0], block_size, bias, backend)
+
+
+def _call(x: Tensor, weight: Tensor, index: tuple[Tensor, ...], out_features: int,
+          block_size: int, bias: Tensor | None, backend: str | None) -> Tensor:
     name = dispatch.resolve_backend("ws_linear", x.device, backend,
                                     lambda b: _unsupported(b, x))
-    index = layout.to(x.device).index_tensors()
-    return ops.ws_linear(x, weight, *index, layout.out_features, bs, bias, name)
+    return ops.ws_linear_call(x, weight, index, out_features, block_size, bias, name)
