@@ -8,6 +8,7 @@ Public API:
     watts_strogatz(n, k, beta, seed)   small-world graph edges, as networkx (mmattn.watts_strogatz)
     watts_strogatz_mask(out, in, ...)  bool Watts-Strogatz weight mask (mmattn.watts_strogatz)
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
+    nn.WSLinear, nn.WSMultiModalFusion compressed Watts-Strogatz linear layers (mmattn.nn)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _map_kernels_package() -> None:
 
 _map_kernels_package()
 
-from mmattn import _extension  # noqa: E402, F401  (loads mmattn._C, warns once if absent)
+# _extension loads mmattn._C (one warning if absent); nn holds the modules.
+from mmattn import _extension, nn  # noqa: E402, F401
 from mmattn.attention import cross_attention  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
 from mmattn.layout import SparseLayout  # noqa: E402
@@ -57,6 +59,7 @@ __all__ = [
     "SparseLayout",
     "__version__",
     "cross_attention",
+    "nn",
     "use_backend",
     "watts_strogatz",
     "watts_strogatz_mask",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -17,11 +16,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _extension_reason(device_type: str) -> str | None:
-    # Fixed once mmattn._C is imported; cached because the query costs microseconds
-    # per call, a tenth of a seed-sized layer.
-    return dispatch.extension_reason("ws_spmm", torch.device(device_type))
+# Whether mmattn._C has the kernel, per device type: fixed once the extension is
+# imported, so read once here (the query costs microseconds per call, and torch.compile
+# could not trace it).
+_EXTENSION_REASON = {device_type: dispatch.extension_reason("ws_spmm", torch.device(device_type))
+                     for device_type in ("cpu", "cuda")}
 
 
 def _unsupported(backend: str, x: Tensor) -> str | None:
@@ -36,7 +35,7 @@ def _unsupported(backend: str, x: Tensor) -> str | None:
         if x.dtype not in _KERNEL_DTYPES:
             return (f"the {backend} ws_linear kernel supports float32/float16/bfloat16, "
                     f"got {x.dtype}")
-        return _extension_reason(device_type)
+        return _EXTENSION_REASON[device_type]
     return dispatch.triton_reason(x.device)
 
 
