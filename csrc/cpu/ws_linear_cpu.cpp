@@ -295,45 +295,64 @@ MMATTN_CPU_CLONES void spmm_element_task(const SpmmProblem<T>& p, int64_t task,
   }
 }
 
-// One task: kBatchGroup batch rows times one range of block rows. Block e at (R, C) adds
-// sum_j B_e[i][j] in[n, C*bs + j] to out[n, R*bs + i]; weights hold P_e[j][i] = B_e[i][j]
-// with i padded to padded_bs, so a column j of the block is kLanes-wide vector loads.
+// Block rows rb's outputs i0 .. i0 + 16 * NV for kBatchGroup batch rows (`rows`, of which
+// the first nb are real). Block e at (R, C) adds sum_j B_e[i][j] in[n, C*bs + j] to
+// out[n, R*bs + i]; weights hold P_e[j][i] = B_e[i][j] with i padded to padded_bs, so a
+// column j of a block is NV vector loads, each FMA'd with kBatchGroup broadcast inputs.
+template <typename T, int64_t NV>
+MMATTN_INLINE void spmm_block_rows(const SpmmProblem<T>& p, const T* const* rows, int64_t n0,
+                                   int64_t nb, int64_t rb, int64_t i0) {
+  const int64_t bs = p.block_size, ip = p.padded_bs, cs = p.in.col_stride;
+  Vec acc[kBatchGroup][NV];
+  for (int64_t v = 0; v < NV; ++v) {
+    const Vec b0 = vload(p.bias + rb * bs + i0 + v * kLanes);
+    for (int64_t b = 0; b < kBatchGroup; ++b) acc[b][v] = b0;
+  }
+  for (int64_t e = p.ptr[rb]; e < p.ptr[rb + 1]; ++e) {
+    const int64_t c0 = static_cast<int64_t>(p.idx[e]) * bs;
+    const int64_t jmax = std::min(bs, p.in_dim - c0);
+    const float* w = p.weights + e * bs * ip + i0;
+    for (int64_t j = 0; j < jmax; ++j) {
+      Vec wv[NV];
+      for (int64_t v = 0; v < NV; ++v) wv[v] = vload(w + j * ip + v * kLanes);
+      const int64_t off = (c0 + j) * cs;
+      for (int64_t b = 0; b < kBatchGroup; ++b) {
+        const float xv = static_cast<float>(rows[b][off]);
+        for (int64_t v = 0; v < NV; ++v) acc[b][v] += xv * wv[v];
+      }
+    }
+  }
+  for (int64_t v = 0; v < NV; ++v) {
+    const int64_t o0 = rb * bs + i0 + v * kLanes;
+    const int64_t cnt = std::min({kLanes, bs - i0 - v * kLanes, p.out_dim - o0});
+    if (cnt <= 0) break;
+    for (int64_t b = 0; b < nb; ++b) store_row16(p.out + (n0 + b) * p.out_dim + o0, acc[b][v], cnt);
+  }
+}
+
+// One task: kBatchGroup batch rows times one range of block rows.
 template <typename T>
 MMATTN_CPU_CLONES void spmm_block_task(const SpmmProblem<T>& p, int64_t task) {
-  const int64_t bs = p.block_size, ip = p.padded_bs;
+  const int64_t bs = p.block_size;
   const int64_t num_block_rows = ceil_div(p.out_dim, bs);
-  {
-    const int64_t n0 = (task / p.row_tasks) * kBatchGroup;
-    const int64_t nb = std::min(kBatchGroup, p.batch - n0);
-    const int64_t rb_begin = (task % p.row_tasks) * p.rows_per_task;
-    const int64_t rb_end = std::min(num_block_rows, rb_begin + p.rows_per_task);
-    // Rows past the batch repeat the last one; their results are not stored.
-    const T* rows[kBatchGroup];
-    for (int64_t b = 0; b < kBatchGroup; ++b) {
-      rows[b] = p.in.data + (n0 + std::min(b, nb - 1)) * p.in.row_stride;
-    }
-    const int64_t cs = p.in.col_stride;
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-      // Output rows of the block past out_dim (a partial last block) are skipped.
-      for (int64_t i0 = 0; i0 < bs && rb * bs + i0 < p.out_dim; i0 += kLanes) {
-        Vec acc[kBatchGroup];
-        const Vec b0 = vload(p.bias + rb * bs + i0);
-        for (int64_t b = 0; b < kBatchGroup; ++b) acc[b] = b0;
-        for (int64_t e = p.ptr[rb]; e < p.ptr[rb + 1]; ++e) {
-          const int64_t c0 = static_cast<int64_t>(p.idx[e]) * bs;
-          const int64_t jmax = std::min(bs, p.in_dim - c0);
-          const float* w = p.weights + e * bs * ip + i0;
-          for (int64_t j = 0; j < jmax; ++j) {
-            const Vec wv = vload(w + j * ip);
-            const int64_t off = (c0 + j) * cs;
-            for (int64_t b = 0; b < kBatchGroup; ++b) {
-              acc[b] += static_cast<float>(rows[b][off]) * wv;
-            }
-          }
-        }
-        const int64_t o0 = rb * bs + i0;
-        const int64_t cnt = std::min({kLanes, bs - i0, p.out_dim - o0});
-        for (int64_t b = 0; b < nb; ++b) store_row16(p.out + (n0 + b) * p.out_dim + o0, acc[b], cnt);
+  const int64_t n0 = (task / p.row_tasks) * kBatchGroup;
+  const int64_t nb = std::min(kBatchGroup, p.batch - n0);
+  const int64_t rb_begin = (task % p.row_tasks) * p.rows_per_task;
+  const int64_t rb_end = std::min(num_block_rows, rb_begin + p.rows_per_task);
+  // Rows past the batch repeat the last one; their results are not stored.
+  const T* rows[kBatchGroup];
+  for (int64_t b = 0; b < kBatchGroup; ++b) {
+    rows[b] = p.in.data + (n0 + std::min(b, nb - 1)) * p.in.row_stride;
+  }
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    // 32 outputs at a time while more than 16 remain; rows past out_dim are skipped.
+    for (int64_t i0 = 0; i0 < bs && rb * bs + i0 < p.out_dim;) {
+      if (i0 + kLanes < bs) {
+        spmm_block_rows<T, 2>(p, rows, n0, nb, rb, i0);
+        i0 += 2 * kLanes;
+      } else {
+        spmm_block_rows<T, 1>(p, rows, n0, nb, rb, i0);
+        i0 += kLanes;
       }
     }
   }
@@ -351,7 +370,7 @@ struct SddmmProblem {
   int64_t chunk_rows;        // batch rows per chunk (a multiple of kLanes)
   int64_t rows_per_task;     // block rows per task
   int64_t row_tasks;
-  float* partial_w;          // (chunks, nnz * bs * bs)
+  float* partial_w;          // (chunks, nnz * bs * bs); a block's values as [j][i]
   float* partial_bias;       // (chunks, out_dim) or null
 };
 
@@ -395,6 +414,47 @@ MMATTN_CPU_CLONES void sddmm_element_task(const SddmmProblem<T>& p, int64_t task
   }
 }
 
+// dst[n * ld + c] = src(n0 + n, c0 + c) as float32 for n < nrows, c < ncols; columns
+// [ncols, ld) are zero.
+template <typename T>
+MMATTN_INLINE void copy_rows(const Strided<T>& src, int64_t n0, int64_t nrows, int64_t c0,
+                             int64_t ncols, float* dst, int64_t ld) {
+  const int64_t cs = src.col_stride;
+  for (int64_t n = 0; n < nrows; ++n) {
+    const T* row = src.data + (n0 + n) * src.row_stride + c0 * cs;
+    float* out = dst + n * ld;
+    int64_t c = 0;
+    for (; c + kLanes <= ncols; c += kLanes) vstore(out + c, load_row16(row + c * cs, cs));
+    for (; c < ncols; ++c) out[c] = static_cast<float>(row[c * cs]);
+    std::memset(out + ncols, 0, sizeof(float) * (ld - ncols));
+  }
+}
+
+// dW of one block for its rows i0 .. i0 + 16 * NV and columns j0 .. j0 + kBlockCols over
+// nrows batch rows: dw_t[j][i] = sum_n dy[n, i] x[n, j], vectorised along i and stored
+// transposed (whole vectors); SddmmPlan::finish transposes back. `d` / `xs` point at
+// (row 0, i0) of the dy chunk and (row 0, j0) of the x chunk.
+template <int64_t NV>
+MMATTN_INLINE void block_dw_tile(const float* d, int64_t ldd, const float* xs, int64_t ldx,
+                                 int64_t nrows, int64_t bs, int64_t i0, int64_t j0, float* dw) {
+  Vec acc[kBlockCols][NV] = {};
+  for (int64_t n = 0; n < nrows; ++n) {
+    Vec dv[NV];
+    for (int64_t v = 0; v < NV; ++v) dv[v] = vload(d + n * ldd + v * kLanes);
+    const float* xr = xs + n * ldx;
+    for (int64_t jj = 0; jj < kBlockCols; ++jj) {
+      const float xv = xr[jj];
+      for (int64_t v = 0; v < NV; ++v) acc[jj][v] += xv * dv[v];
+    }
+  }
+  const int64_t jcnt = std::min(kBlockCols, bs - j0);
+  for (int64_t v = 0; v < NV; ++v) {
+    const int64_t ib = i0 + v * kLanes;
+    const int64_t icnt = std::min(kLanes, bs - ib);
+    for (int64_t jj = 0; jj < jcnt; ++jj) store_row16(dw + (j0 + jj) * bs + ib, acc[jj][v], icnt);
+  }
+}
+
 // Block dW: per chunk the batch rows of x (all columns) and of dy (this task's block rows)
 // are copied to float32 row-major buffers, zero-padded so that full vectors can be read
 // past the matrix edges; then each block is a (bs x rows) @ (rows x bs) product,
@@ -404,57 +464,43 @@ MMATTN_CPU_CLONES void sddmm_block_task(const SddmmProblem<T>& p, int64_t task) 
   const int64_t bs = p.block_size;
   const int64_t num_block_rows = ceil_div(p.out_dim, bs);
   const int64_t ldx = round_up(p.in_dim, bs) + kBlockCols;
-  {
-    const int64_t chunk = task / p.row_tasks;
-    const int64_t rb_begin = (task % p.row_tasks) * p.rows_per_task;
-    const int64_t rb_end = std::min(num_block_rows, rb_begin + p.rows_per_task);
-    const int64_t col0 = rb_begin * bs;
-    const int64_t ncols = std::min(p.out_dim, rb_end * bs) - col0;
-    const int64_t ldd = (rb_end - rb_begin) * bs + kLanes;
-    const int64_t n0 = chunk * p.chunk_rows;
-    const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
-    float* xc = scratch(kSddmmX, nrows * ldx);
-    float* dyc = scratch(kSddmmDy, nrows * ldd);
-    for (int64_t n = 0; n < nrows; ++n) {
-      float* xr = xc + n * ldx;
-      for (int64_t c = 0; c < p.in_dim; ++c) xr[c] = p.x.at(n0 + n, c);
-      std::memset(xr + p.in_dim, 0, sizeof(float) * (ldx - p.in_dim));
-      float* dr = dyc + n * ldd;
-      for (int64_t c = 0; c < ncols; ++c) dr[c] = p.dy.at(n0 + n, col0 + c);
-      std::memset(dr + ncols, 0, sizeof(float) * (ldd - ncols));
-    }
-    const int64_t nnz = p.ptr[num_block_rows];
-    float* pw = p.partial_w + chunk * nnz * p.values_per_entry;
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-      for (int64_t e = p.ptr[rb]; e < p.ptr[rb + 1]; ++e) {
-        const int64_t c0 = static_cast<int64_t>(p.idx[e]) * bs;
-        float* dw = pw + e * p.values_per_entry;  // dw[i * bs + j]
-        for (int64_t i0 = 0; i0 < bs; i0 += kLanes) {
-          const float* d = dyc + (rb - rb_begin) * bs + i0;
-          const int64_t icnt = std::min(kLanes, bs - i0);
-          for (int64_t j0 = 0; j0 < bs; j0 += kBlockCols) {
-            Vec acc[kBlockCols] = {};
-            const float* xs = xc + c0 + j0;
-            for (int64_t n = 0; n < nrows; ++n) {
-              const Vec dv = vload(d + n * ldd);
-              for (int64_t jj = 0; jj < kBlockCols; ++jj) acc[jj] += xs[n * ldx + jj] * dv;
-            }
-            const int64_t jcnt = std::min(kBlockCols, bs - j0);
-            for (int64_t jj = 0; jj < jcnt; ++jj) {
-              alignas(64) float v[kLanes];
-              vstore(v, acc[jj]);
-              for (int64_t i = 0; i < icnt; ++i) dw[(i0 + i) * bs + j0 + jj] = v[i];
-            }
+  const int64_t chunk = task / p.row_tasks;
+  const int64_t rb_begin = (task % p.row_tasks) * p.rows_per_task;
+  const int64_t rb_end = std::min(num_block_rows, rb_begin + p.rows_per_task);
+  const int64_t col0 = rb_begin * bs;
+  const int64_t ncols = std::min(p.out_dim, rb_end * bs) - col0;
+  const int64_t ldd = (rb_end - rb_begin) * bs + 2 * kLanes;
+  const int64_t n0 = chunk * p.chunk_rows;
+  const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
+  float* xc = scratch(kSddmmX, nrows * ldx);
+  float* dyc = scratch(kSddmmDy, nrows * ldd);
+  copy_rows(p.x, n0, nrows, 0, p.in_dim, xc, ldx);
+  copy_rows(p.dy, n0, nrows, col0, ncols, dyc, ldd);
+  const int64_t nnz = p.ptr[num_block_rows];
+  float* pw = p.partial_w + chunk * nnz * p.values_per_entry;
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    for (int64_t e = p.ptr[rb]; e < p.ptr[rb + 1]; ++e) {
+      const int64_t c0 = static_cast<int64_t>(p.idx[e]) * bs;
+      float* dw = pw + e * p.values_per_entry;  // dw_t[j * bs + i]
+      for (int64_t i0 = 0; i0 < bs;) {
+        const float* d = dyc + (rb - rb_begin) * bs + i0;
+        const bool two = i0 + kLanes < bs;  // 32 rows at a time while more than 16 remain
+        for (int64_t j0 = 0; j0 < bs; j0 += kBlockCols) {
+          if (two) {
+            block_dw_tile<2>(d, ldd, xc + c0 + j0, ldx, nrows, bs, i0, j0, dw);
+          } else {
+            block_dw_tile<1>(d, ldd, xc + c0 + j0, ldx, nrows, bs, i0, j0, dw);
           }
         }
+        i0 += two ? 2 * kLanes : kLanes;
       }
     }
-    if (p.partial_bias) {
-      for (int64_t c = 0; c < ncols; ++c) {
-        float s = 0.f;
-        for (int64_t n = 0; n < nrows; ++n) s += dyc[n * ldd + c];
-        p.partial_bias[chunk * p.out_dim + col0 + c] = s;
-      }
+  }
+  if (p.partial_bias) {
+    float* db = p.partial_bias + chunk * p.out_dim + col0;
+    std::fill(db, db + ncols, 0.f);
+    for (int64_t n = 0; n < nrows; ++n) {
+      for (int64_t c = 0; c < ncols; ++c) db[c] += dyc[n * ldd + c];
     }
   }
 }
@@ -486,12 +532,13 @@ void check_compressed(const Tensor& ptr, const Tensor& idx, int64_t rows, int64_
   const int32_t* c = idx.const_data_ptr<int32_t>();
   const int64_t nnz = idx.numel();
   STD_TORCH_CHECK(p[0] == 0 && p[rows] == nnz, ptr_name, " must run from 0 to ", nnz);
-  for (int64_t r = 0; r < rows; ++r) {
-    STD_TORCH_CHECK(p[r] <= p[r + 1], ptr_name, " must be non-decreasing");
-  }
+  bool decreasing = false, out_of_range = false;  // branch-free loops: they vectorise
+  for (int64_t r = 0; r < rows; ++r) decreasing |= p[r] > p[r + 1];
   for (int64_t e = 0; e < nnz; ++e) {
-    STD_TORCH_CHECK(c[e] >= 0 && c[e] < cols, idx_name, " has an entry out of [0, ", cols, ")");
+    out_of_range |= static_cast<uint32_t>(c[e]) >= static_cast<uint64_t>(cols);
   }
+  STD_TORCH_CHECK(!decreasing, ptr_name, " must be non-decreasing");
+  STD_TORCH_CHECK(!out_of_range, idx_name, " has an entry out of [0, ", cols, ")");
 }
 
 void check_values(const Tensor& values, const Tensor& x, int64_t nnz, int64_t block_size) {
@@ -644,7 +691,7 @@ struct SpmmPlan {
 template <typename T>
 struct SddmmPlan {
   SddmmProblem<T> p{};
-  std::vector<float> partial_w, partial_bias;
+  std::unique_ptr<float[]> partial_w, partial_bias;  // every entry is written by a task
   int64_t num_values = 0;  // nnz * bs * bs
   int64_t chunks = 0;
   int64_t num_tasks = 0;
@@ -658,11 +705,11 @@ struct SddmmPlan {
     num_values = nnz * bs * bs;
     if (batch == 0) return;
     chunks = ceil_div(batch, p.chunk_rows);
-    partial_w.resize(static_cast<size_t>(chunks * nnz * bs * bs));
-    p.partial_w = partial_w.data();
+    partial_w.reset(new float[static_cast<size_t>(chunks * nnz * bs * bs)]);
+    p.partial_w = partial_w.get();
     if (with_bias) {
-      partial_bias.resize(static_cast<size_t>(chunks * out_dim));
-      p.partial_bias = partial_bias.data();
+      partial_bias.reset(new float[static_cast<size_t>(chunks * out_dim)]);
+      p.partial_bias = partial_bias.get();
     }
     work = batch * std::max<int64_t>(nnz * bs * bs, out_dim);
     const int64_t rows = bs == 1 ? out_dim : ceil_div(out_dim, bs);
@@ -679,29 +726,44 @@ struct SddmmPlan {
     }
   }
 
-  // Sums the chunks' partials in chunk order into dw (and d_bias, if planned).
+  // Sums the chunks' partials in chunk order into dw (and d_bias, if planned); blocks are
+  // transposed back from their [j][i] partial layout.
   void finish(T* dw, T* d_bias) const {
-    const int64_t nw = num_values;
+    const int64_t bs = p.block_size, nw = num_values;
     const int64_t nb = p.partial_bias ? p.out_dim : 0;
     if (chunks == 0) {  // no batch rows: every gradient is zero
       std::fill(dw, dw + nw, static_cast<T>(0.f));
       if (d_bias) std::fill(d_bias, d_bias + p.out_dim, static_cast<T>(0.f));
       return;
     }
-    constexpr int64_t kSpan = 4096;
-    const int64_t w_tasks = ceil_div(nw, kSpan);
-    const int64_t total = w_tasks + ceil_div(nb, kSpan);
+    // Spans of whole blocks, so a span can transpose its blocks.
+    const int64_t span = round_up(4096, bs * bs);
+    const int64_t w_tasks = ceil_div(nw, span);
+    const int64_t total = w_tasks + ceil_div(nb, span);
     run_queue(total, chunks * (nw + nb), [&](std::atomic<int64_t>& next) {
+      std::unique_ptr<float[]> sum(new float[static_cast<size_t>(span)]);
       for (int64_t t; (t = next.fetch_add(1)) < total;) {
         const bool is_w = t < w_tasks;
-        const float* src = is_w ? partial_w.data() : partial_bias.data();
-        T* dst = is_w ? dw : d_bias;
+        const float* src = is_w ? partial_w.get() : partial_bias.get();
         const int64_t count = is_w ? nw : nb;
-        const int64_t begin = (is_w ? t : t - w_tasks) * kSpan;
-        for (int64_t i = begin; i < std::min(count, begin + kSpan); ++i) {
-          float sum = src[i];
-          for (int64_t c = 1; c < chunks; ++c) sum += src[c * count + i];
-          dst[i] = static_cast<T>(sum);
+        const int64_t begin = (is_w ? t : t - w_tasks) * span;
+        const int64_t len = std::min(span, count - begin);
+        std::memcpy(sum.get(), src + begin, sizeof(float) * len);
+        for (int64_t c = 1; c < chunks; ++c) {  // contiguous adds: they vectorise
+          const float* part = src + c * count + begin;
+          for (int64_t i = 0; i < len; ++i) sum[i] += part[i];
+        }
+        T* dst = (is_w ? dw : d_bias) + begin;
+        if (!is_w || bs == 1) {
+          for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(sum[i]);
+        } else {
+          for (int64_t b = 0; b < len; b += bs * bs) {
+            for (int64_t i = 0; i < bs; ++i) {
+              for (int64_t j = 0; j < bs; ++j) {
+                dst[b + i * bs + j] = static_cast<T>(sum[b + j * bs + i]);
+              }
+            }
+          }
         }
       }
     });
@@ -813,9 +875,11 @@ std::tuple<Tensor, Tensor, Tensor> ws_spmm_backward_cpu(
   STD_TORCH_CHECK(row_indices_t.numel() == nnz && transpose_perm.numel() == nnz,
                   "the transposed layout must have as many entries as the layout");
   const int32_t* perm = transpose_perm.const_data_ptr<int32_t>();
+  bool perm_out_of_range = false;
   for (int64_t e = 0; e < nnz; ++e) {
-    STD_TORCH_CHECK(perm[e] >= 0 && perm[e] < nnz, "transpose_perm has an entry out of range");
+    perm_out_of_range |= static_cast<uint32_t>(perm[e]) >= static_cast<uint64_t>(nnz);
   }
+  STD_TORCH_CHECK(!perm_out_of_range, "transpose_perm has an entry out of [0, nnz)");
   check_values(values, x, nnz, block_size);
 
   Tensor dx = torch::stable::new_empty(x, {x.size(0), in_dim});
