@@ -260,36 +260,34 @@ MMATTN_CPU_CLONES void spmm_element_task(const SpmmProblem<T>& p, int64_t task,
   constexpr int64_t kTileRows = kLanes * V;
   float* tile_t = scratch(kSpmmTile, p.in_dim * kTileRows);  // (in_dim, kTileRows)
   Vec acc[V][kLanes];  // [batch vector][output row in group] -> 16 batch lanes
-  {
-    const int64_t tile = task / p.row_tasks;
-    const int64_t r_begin = (task % p.row_tasks) * p.rows_per_task;
-    const int64_t r_end = std::min(p.out_dim, r_begin + p.rows_per_task);
-    const int64_t n0 = tile * kTileRows;
-    const int64_t nrows = std::min(kTileRows, p.batch - n0);
-    if (tile != loaded_tile) {
-      load_transposed(p.in, n0, nrows, 0, p.in_dim, tile_t, kTileRows);
-      loaded_tile = tile;
-    }
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += kLanes) {
-      const int64_t cnt = std::min(kLanes, r_end - r0);
-      for (int64_t i = 0; i < cnt; ++i) {
-        const int64_t r = r0 + i;
-        Vec a[V];
-        for (int64_t v = 0; v < V; ++v) a[v] = vsplat(p.bias ? p.bias[r] : 0.f);
-        for (int64_t e = p.ptr[r]; e < p.ptr[r + 1]; ++e) {
-          const float* src = tile_t + static_cast<int64_t>(p.idx[e]) * kTileRows;
-          for (int64_t v = 0; v < V; ++v) a[v] += p.weights[e] * vload(src + v * kLanes);
-        }
-        for (int64_t v = 0; v < V; ++v) acc[v][i] = a[v];
+  const int64_t tile = task / p.row_tasks;
+  const int64_t r_begin = (task % p.row_tasks) * p.rows_per_task;
+  const int64_t r_end = std::min(p.out_dim, r_begin + p.rows_per_task);
+  const int64_t n0 = tile * kTileRows;
+  const int64_t nrows = std::min(kTileRows, p.batch - n0);
+  if (tile != loaded_tile) {
+    load_transposed(p.in, n0, nrows, 0, p.in_dim, tile_t, kTileRows);
+    loaded_tile = tile;
+  }
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kLanes) {
+    const int64_t cnt = std::min(kLanes, r_end - r0);
+    for (int64_t i = 0; i < cnt; ++i) {
+      const int64_t r = r0 + i;
+      Vec a[V];
+      for (int64_t v = 0; v < V; ++v) a[v] = vsplat(p.bias ? p.bias[r] : 0.f);
+      for (int64_t e = p.ptr[r]; e < p.ptr[r + 1]; ++e) {
+        const float* src = tile_t + static_cast<int64_t>(p.idx[e]) * kTileRows;
+        for (int64_t v = 0; v < V; ++v) a[v] += p.weights[e] * vload(src + v * kLanes);
       }
-      for (int64_t v = 0; v < V; ++v) {
-        const int64_t lanes = std::min(kLanes, nrows - v * kLanes);
-        if (lanes <= 0) break;
-        for (int64_t i = cnt; i < kLanes; ++i) acc[v][i] = Vec{};
-        transpose16(acc[v]);  // acc[v][l] = outputs r0 .. r0 + 15 of batch row n0 + 16 v + l
-        for (int64_t l = 0; l < lanes; ++l) {
-          store_row16(p.out + (n0 + v * kLanes + l) * p.out_dim + r0, acc[v][l], cnt);
-        }
+      for (int64_t v = 0; v < V; ++v) acc[v][i] = a[v];
+    }
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t lanes = std::min(kLanes, nrows - v * kLanes);
+      if (lanes <= 0) break;
+      for (int64_t i = cnt; i < kLanes; ++i) acc[v][i] = Vec{};
+      transpose16(acc[v]);  // acc[v][l] = outputs r0 .. r0 + 15 of batch row n0 + 16 v + l
+      for (int64_t l = 0; l < lanes; ++l) {
+        store_row16(p.out + (n0 + v * kLanes + l) * p.out_dim + r0, acc[v][l], cnt);
       }
     }
   }
@@ -385,31 +383,29 @@ int64_t chunk_rows_for(int64_t batch, int64_t in_dim) {
 
 template <typename T>
 MMATTN_CPU_CLONES void sddmm_element_task(const SddmmProblem<T>& p, int64_t task) {
-  {
-    const int64_t chunk = task / p.row_tasks;
-    const int64_t r_begin = (task % p.row_tasks) * p.rows_per_task;
-    const int64_t r_end = std::min(p.out_dim, r_begin + p.rows_per_task);
-    const int64_t n0 = chunk * p.chunk_rows;
-    const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
-    const int64_t ld = round_up(nrows, kLanes);  // lanes past nrows are zero
-    float* x_t = scratch(kSddmmX, p.in_dim * ld);              // (in_dim, ld)
-    float* dy_t = scratch(kSddmmDy, (r_end - r_begin) * ld);   // (rows of this task, ld)
-    load_transposed(p.x, n0, nrows, 0, p.in_dim, x_t, ld);
-    load_transposed(p.dy, n0, nrows, r_begin, r_end - r_begin, dy_t, ld);
-    float* pw = p.partial_w + chunk * p.ptr[p.out_dim];
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const float* d = dy_t + (r - r_begin) * ld;
-      for (int64_t e = p.ptr[r]; e < p.ptr[r + 1]; ++e) {
-        const float* xs = x_t + static_cast<int64_t>(p.idx[e]) * ld;
-        Vec a = vload(d) * vload(xs);
-        for (int64_t v = kLanes; v < ld; v += kLanes) a += vload(d + v) * vload(xs + v);
-        pw[e] = vsum(a);
-      }
-      if (p.partial_bias) {
-        Vec a = vload(d);
-        for (int64_t v = kLanes; v < ld; v += kLanes) a += vload(d + v);
-        p.partial_bias[chunk * p.out_dim + r] = vsum(a);
-      }
+  const int64_t chunk = task / p.row_tasks;
+  const int64_t r_begin = (task % p.row_tasks) * p.rows_per_task;
+  const int64_t r_end = std::min(p.out_dim, r_begin + p.rows_per_task);
+  const int64_t n0 = chunk * p.chunk_rows;
+  const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
+  const int64_t ld = round_up(nrows, kLanes);  // lanes past nrows are zero
+  float* x_t = scratch(kSddmmX, p.in_dim * ld);              // (in_dim, ld)
+  float* dy_t = scratch(kSddmmDy, (r_end - r_begin) * ld);   // (rows of this task, ld)
+  load_transposed(p.x, n0, nrows, 0, p.in_dim, x_t, ld);
+  load_transposed(p.dy, n0, nrows, r_begin, r_end - r_begin, dy_t, ld);
+  float* pw = p.partial_w + chunk * p.ptr[p.out_dim];
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const float* d = dy_t + (r - r_begin) * ld;
+    for (int64_t e = p.ptr[r]; e < p.ptr[r + 1]; ++e) {
+      const float* xs = x_t + static_cast<int64_t>(p.idx[e]) * ld;
+      Vec a = vload(d) * vload(xs);
+      for (int64_t v = kLanes; v < ld; v += kLanes) a += vload(d + v) * vload(xs + v);
+      pw[e] = vsum(a);
+    }
+    if (p.partial_bias) {
+      Vec a = vload(d);
+      for (int64_t v = kLanes; v < ld; v += kLanes) a += vload(d + v);
+      p.partial_bias[chunk * p.out_dim + r] = vsum(a);
     }
   }
 }
@@ -542,6 +538,7 @@ void check_compressed(const Tensor& ptr, const Tensor& idx, int64_t rows, int64_
 }
 
 void check_values(const Tensor& values, const Tensor& x, int64_t nnz, int64_t block_size) {
+  STD_TORCH_CHECK(values.is_cpu(), "values must be a CPU tensor");
   STD_TORCH_CHECK(values.scalar_type() == x.scalar_type(), "values must have x's dtype");
   STD_TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   if (block_size == 1) {
@@ -812,9 +809,9 @@ Tensor ws_spmm_cpu(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indi
                    "crow_indices", "col_indices");
   check_values(values, x, nnz, block_size);
   if (bias.has_value()) {
-    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous() &&
-                        bias->scalar_type() == x.scalar_type(),
-                    "bias must be a contiguous (out_features,) tensor of x's dtype");
+    STD_TORCH_CHECK(bias->is_cpu() && bias->dim() == 1 && bias->size(0) == out_features &&
+                        bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
+                    "bias must be a contiguous CPU (out_features,) tensor of x's dtype");
   }
   Tensor out = torch::stable::new_empty(x, {x.size(0), out_features});
   MMATTN_DISPATCH_FLOAT_TYPES(x.scalar_type(), [&] {
