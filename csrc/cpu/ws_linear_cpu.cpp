@@ -616,11 +616,17 @@ void run_queue(int64_t num_tasks, int64_t work, const F& thread_body) {
   }
 }
 
+// Threads a call of `work` multiply-adds will use (run_queue's rule).
+int64_t threads_for(int64_t work) {
+  return work < kSerialWork ? 1 : std::max<uint32_t>(1, torch::stable::get_num_threads());
+}
+
 // Splits `rows` layout rows into tasks so that, with `batch_tasks` tasks along the batch,
-// there are about four tasks per thread. Only the task shape depends on the thread count.
-void split_rows(int64_t batch_tasks, int64_t rows, int64_t granule, int64_t* rows_per_task,
-                int64_t* row_tasks) {
-  const int64_t threads = std::max<uint32_t>(1, torch::stable::get_num_threads());
+// there are about four tasks per thread (one per batch task when the call runs serially,
+// as the tasks of a batch tile or chunk each prepare its input). Only the task shape
+// depends on the thread count, never a result.
+void split_rows(int64_t batch_tasks, int64_t rows, int64_t granule, int64_t threads,
+                int64_t* rows_per_task, int64_t* row_tasks) {
   int64_t wanted = batch_tasks >= 4 * threads ? 1 : ceil_div(4 * threads, batch_tasks);
   wanted = std::max<int64_t>(1, std::min(wanted, ceil_div(rows, granule)));
   *rows_per_task = std::max<int64_t>(1, round_up(ceil_div(rows, wanted), granule));
@@ -663,11 +669,12 @@ struct SpmmPlan {
     if (bs == 1) {
       wide = p.batch > kLanes;
       const int64_t tiles = ceil_div(p.batch, wide ? 2 * kLanes : kLanes);
-      split_rows(tiles, out_dim, kLanes, &p.rows_per_task, &p.row_tasks);
+      split_rows(tiles, out_dim, kLanes, threads_for(work), &p.rows_per_task, &p.row_tasks);
       num_tasks = tiles * p.row_tasks;
     } else {
       const int64_t groups = ceil_div(p.batch, kBatchGroup);
-      split_rows(groups, ceil_div(out_dim, bs), 1, &p.rows_per_task, &p.row_tasks);
+      split_rows(groups, ceil_div(out_dim, bs), 1, threads_for(work), &p.rows_per_task,
+                 &p.row_tasks);
       num_tasks = groups * p.row_tasks;
     }
   }
@@ -710,7 +717,8 @@ struct SddmmPlan {
     }
     work = batch * std::max<int64_t>(nnz * bs * bs, out_dim);
     const int64_t rows = bs == 1 ? out_dim : ceil_div(out_dim, bs);
-    split_rows(chunks, rows, bs == 1 ? kLanes : 1, &p.rows_per_task, &p.row_tasks);
+    split_rows(chunks, rows, bs == 1 ? kLanes : 1, threads_for(work), &p.rows_per_task,
+               &p.row_tasks);
     num_tasks = chunks * p.row_tasks;
   }
   SddmmPlan(const SddmmPlan&) = delete;  // p points into the partial vectors
