@@ -35,13 +35,17 @@ def _ws_linear_cpu(
 def _ws_linear_backward_cpu(
     grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
     row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
-    out_features: int, block_size: int, has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``mmattn::ws_spmm_backward``: ``(dx like x (contiguous), d_values, d_bias)``."""
+    out_features: int, block_size: int, has_bias: bool, *, need_dx: bool = True,
+    need_d_values: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """``mmattn::ws_spmm_backward``: ``(dx like x (contiguous), d_values, d_bias)``; with
+    ``need_dx`` / ``need_d_values`` False that gradient is skipped and None."""
     dx, d_values, d_bias = torch.ops.mmattn.ws_spmm_backward.default(
         grad_y.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), values, crow_indices,
-        col_indices, ccol_indices, row_indices_t, transpose_perm, block_size, has_bias)
-    return dx.view(x.shape), d_values, d_bias
+        col_indices, ccol_indices, row_indices_t, transpose_perm, block_size, has_bias,
+        need_dx, need_d_values)
+    return (dx.view(x.shape) if need_dx else None, d_values if need_d_values else None,
+            d_bias)
 
 
 # Backend name -> implementation. Kernel backends add themselves here as they
@@ -51,6 +55,9 @@ ATTENTION_FORWARD = {"reference": reference.attention_forward}
 ATTENTION_BACKWARD = {"reference": reference.attention_backward}
 WS_LINEAR_FORWARD = {"reference": reference.ws_linear, "cpu": _ws_linear_cpu}
 WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward, "cpu": _ws_linear_backward_cpu}
+# Backends whose WS_LINEAR_BACKWARD entry also takes ``need_dx`` / ``need_d_values``
+# (keyword-only, default True) and skips the gradients no one asked for.
+WS_LINEAR_BACKWARD_SKIPS_UNNEEDED = {"cpu"}
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int | None:
@@ -189,33 +196,20 @@ def _ws_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _ws_gradients(backward_op, grad_y: Tensor, x: Tensor, values: Tensor,
-                  index: tuple[Tensor, ...], out_features: int, block_size: int,
-                  has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(dx, d_values, d_bias or None)`` of ws_linear; one home for both autograd paths."""
-    dx, d_values, d_bias = backward_op(grad_y.contiguous(), x, values, *index, out_features,
-                                       block_size, has_bias, backend)
-    return dx, d_values, d_bias if has_bias else None
-
-
 def _ws_backward(ctx, grad_y):
     x, values, *index = ctx.saved_tensors
-    dx, d_values, d_bias = _ws_gradients(ws_linear_backward, grad_y, x, values, tuple(index),
-                                         ctx.out_features, ctx.block_size, ctx.has_bias,
-                                         ctx.backend)
-    return dx, d_values, None, None, None, None, None, None, None, None, d_bias, None
+    dx, d_values, d_bias = ws_linear_backward(
+        grad_y.contiguous(), x, values, *index, ctx.out_features, ctx.block_size,
+        ctx.has_bias, ctx.backend)
+    return (dx, d_values, None, None, None, None, None, None, None, None,
+            d_bias if ctx.has_bias else None, None)
 
 
 torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)
 
 
-def _ws_linear_backward_table(grad_y, x, values, *args):
-    *rest, backend = args
-    return WS_LINEAR_BACKWARD[backend](grad_y, x, values, *rest)
-
-
 class _WSLinearEager(torch.autograd.Function):
-    """Eager twin of ``mmattn::ws_linear``: the same backend tables and gradients.
+    """Eager twin of ``mmattn::ws_linear``: the same backend tables, the same gradients.
 
     In torch 2.13 the autograd wrapper of a ``torch.library.custom_op`` with a
     ``setup_context`` costs ~50 us per call (``torch._library.utils.fill_defaults`` re-reads
@@ -225,6 +219,8 @@ class _WSLinearEager(torch.autograd.Function):
     rather than a separate ``setup_context`` (with which ``apply`` binds arguments through
     ``inspect.signature`` on every call), and few arguments (``apply`` visits each one):
     the int32 index tensors never need gradients, so they travel in ``meta`` on ``ctx``.
+    Backends that can skip unneeded gradients (frozen weights, inputs without grad) are
+    told which ones are needed.
     """
 
     @staticmethod
@@ -239,10 +235,14 @@ class _WSLinearEager(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, values = ctx.saved_tensors
         index, out_features, block_size, backend = ctx.meta
-        dx, d_values, d_bias = _ws_gradients(_ws_linear_backward_table, grad_y, x, values,
-                                             index, out_features, block_size, ctx.has_bias,
-                                             backend)
-        return dx, d_values, d_bias, None
+        need_dx, need_d_values, need_d_bias = ctx.needs_input_grad[:3]
+        skips = ({"need_dx": need_dx, "need_d_values": need_d_values}
+                 if backend in WS_LINEAR_BACKWARD_SKIPS_UNNEEDED else {})
+        dx, d_values, d_bias = WS_LINEAR_BACKWARD[backend](
+            grad_y.contiguous(), x, values, *index, out_features, block_size,
+            ctx.has_bias and need_d_bias, **skips)
+        return (dx if need_dx else None, d_values if need_d_values else None,
+                d_bias if ctx.has_bias and need_d_bias else None, None)
 
 
 def ws_linear_call(
@@ -286,9 +286,10 @@ def _register_extension_fakes() -> None:
 
     @torch.library.register_fake("mmattn::ws_spmm_backward")
     def _(grad_y, x, values, crow_indices, col_indices, ccol_indices, row_indices_t,
-          transpose_perm, block_size, has_bias):
-        d_bias = x.new_empty(grad_y.shape[1] if has_bias else 0)
-        return x.new_empty(x.shape), values.new_empty(values.shape), d_bias
+          transpose_perm, block_size, has_bias, need_dx=True, need_d_values=True):
+        dx = x.new_empty(x.shape if need_dx else (0,))
+        d_values = values.new_empty(values.shape if need_d_values else (0,))
+        return dx, d_values, x.new_empty(grad_y.shape[1] if has_bias else 0)
 
 
 _register_extension_fakes()

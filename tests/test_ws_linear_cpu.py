@@ -127,6 +127,26 @@ def test_empty_batch_and_empty_layout():
     torch.testing.assert_close(y, torch.ones(3, 4))
 
 
+@pytest.mark.parametrize("block_size", [1, 8])
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "weight+bias"])
+def test_only_the_wanted_gradients_are_computed(block_size, wanted):
+    layout = _layout(40, 56, 0.1, block_size=block_size)
+    x = torch.randn(3, 56, dtype=F64)
+    values64, bias64 = _values(layout), torch.randn(40, dtype=F64)
+    grad = torch.randn(3, 40, dtype=F64)
+    oracle = _run(x, values64, layout, bias64, grad, "reference")[1:]
+    leaves = [x.float(), values64.float(), bias64.float()]
+    names = ("x", "weight", "bias")
+    for leaf, name in zip(leaves, names, strict=True):
+        leaf.requires_grad_(name in wanted.split("+"))
+    mmattn.ws_linear(*leaves[:2], layout, leaves[2], backend="cpu").backward(grad.float())
+    for leaf, name, expected in zip(leaves, names, oracle, strict=True):
+        if name in wanted.split("+"):
+            torch.testing.assert_close(leaf.grad.double(), expected, rtol=1e-4, atol=1e-4)
+        else:
+            assert leaf.grad is None
+
+
 def test_results_do_not_depend_on_thread_count():
     layout = _layout(500, 400, 0.02)
     x = torch.randn(300, 400, requires_grad=True)
@@ -227,6 +247,12 @@ def test_opcheck_cpp_ops(block_size):
     torch.library.opcheck(torch.ops.mmattn.ws_sddmm.default, (grad_y, x, crow, col, bs))
     torch.library.opcheck(torch.ops.mmattn.ws_spmm_backward.default,
                           (grad_y, x, values, crow, col, ccol, row_t, perm, bs, True))
+    torch.library.opcheck(torch.ops.mmattn.ws_spmm_backward.default,
+                          (grad_y, x, values, crow, col, ccol, row_t, perm, bs, False, False,
+                           True))
+    dx, d_values, d_bias = torch.ops.mmattn.ws_spmm_backward(
+        grad_y, x, values, crow, col, ccol, row_t, perm, bs, True, True, False)
+    assert dx.shape == x.shape and d_values.shape == (0,) and d_bias.shape == (10,)
 
 
 def test_opcheck_ws_linear_with_cpu_backend():

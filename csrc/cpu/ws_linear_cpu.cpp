@@ -389,14 +389,15 @@ MMATTN_CPU_CLONES void sddmm_element_task(const SddmmProblem<T>& p, int64_t task
   const int64_t n0 = chunk * p.chunk_rows;
   const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
   const int64_t ld = round_up(nrows, kLanes);  // lanes past nrows are zero
-  float* x_t = scratch(kSddmmX, p.in_dim * ld);              // (in_dim, ld)
-  float* dy_t = scratch(kSddmmDy, (r_end - r_begin) * ld);   // (rows of this task, ld)
-  load_transposed(p.x, n0, nrows, 0, p.in_dim, x_t, ld);
+  const bool with_w = p.partial_w != nullptr;  // else only dbias is wanted
+  float* x_t = scratch(kSddmmX, with_w ? p.in_dim * ld : 0);  // (in_dim, ld)
+  float* dy_t = scratch(kSddmmDy, (r_end - r_begin) * ld);    // (rows of this task, ld)
+  if (with_w) load_transposed(p.x, n0, nrows, 0, p.in_dim, x_t, ld);
   load_transposed(p.dy, n0, nrows, r_begin, r_end - r_begin, dy_t, ld);
-  float* pw = p.partial_w + chunk * p.ptr[p.out_dim];
+  float* pw = with_w ? p.partial_w + chunk * p.ptr[p.out_dim] : nullptr;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const float* d = dy_t + (r - r_begin) * ld;
-    for (int64_t e = p.ptr[r]; e < p.ptr[r + 1]; ++e) {
+    for (int64_t e = p.ptr[r]; with_w && e < p.ptr[r + 1]; ++e) {
       const float* xs = x_t + static_cast<int64_t>(p.idx[e]) * ld;
       Vec a = vload(d) * vload(xs);
       for (int64_t v = kLanes; v < ld; v += kLanes) a += vload(d + v) * vload(xs + v);
@@ -468,13 +469,14 @@ MMATTN_CPU_CLONES void sddmm_block_task(const SddmmProblem<T>& p, int64_t task) 
   const int64_t ldd = (rb_end - rb_begin) * bs + 2 * kLanes;
   const int64_t n0 = chunk * p.chunk_rows;
   const int64_t nrows = std::min(p.chunk_rows, p.batch - n0);
-  float* xc = scratch(kSddmmX, nrows * ldx);
+  const bool with_w = p.partial_w != nullptr;  // else only dbias is wanted
+  float* xc = scratch(kSddmmX, with_w ? nrows * ldx : 0);
   float* dyc = scratch(kSddmmDy, nrows * ldd);
-  copy_rows(p.x, n0, nrows, 0, p.in_dim, xc, ldx);
+  if (with_w) copy_rows(p.x, n0, nrows, 0, p.in_dim, xc, ldx);
   copy_rows(p.dy, n0, nrows, col0, ncols, dyc, ldd);
   const int64_t nnz = p.ptr[num_block_rows];
-  float* pw = p.partial_w + chunk * nnz * p.values_per_entry;
-  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+  float* pw = with_w ? p.partial_w + chunk * nnz * p.values_per_entry : nullptr;
+  for (int64_t rb = rb_begin; with_w && rb < rb_end; ++rb) {
     for (int64_t e = p.ptr[rb]; e < p.ptr[rb + 1]; ++e) {
       const int64_t c0 = static_cast<int64_t>(p.idx[e]) * bs;
       float* dw = pw + e * p.values_per_entry;  // dw_t[j * bs + i]
@@ -701,21 +703,24 @@ struct SddmmPlan {
   int64_t num_tasks = 0;
   int64_t work = 0;
 
+  // dW (with_w) and / or dbias (with_bias) of y = x @ W^T + b for output gradient dy.
   SddmmPlan(const Tensor& dy, const Tensor& x, int64_t bs, const int32_t* ptr,
-            const int32_t* idx, int64_t nnz, bool with_bias) {
+            const int32_t* idx, int64_t nnz, bool with_w, bool with_bias) {
     const int64_t batch = x.size(0), in_dim = x.size(1), out_dim = dy.size(1);
     p = {strided<T>(dy), strided<T>(x), batch, in_dim, out_dim, bs, ptr, idx, bs * bs,
          chunk_rows_for(batch, in_dim), 1, 1, nullptr, nullptr};
-    num_values = nnz * bs * bs;
-    if (batch == 0) return;
+    num_values = with_w ? nnz * bs * bs : 0;
+    if (batch == 0 || !(with_w || with_bias)) return;
     chunks = ceil_div(batch, p.chunk_rows);
-    partial_w.reset(new float[static_cast<size_t>(chunks * nnz * bs * bs)]);
-    p.partial_w = partial_w.get();
+    if (with_w) {
+      partial_w.reset(new float[static_cast<size_t>(chunks * num_values)]);
+      p.partial_w = partial_w.get();
+    }
     if (with_bias) {
       partial_bias.reset(new float[static_cast<size_t>(chunks * out_dim)]);
       p.partial_bias = partial_bias.get();
     }
-    work = batch * std::max<int64_t>(nnz * bs * bs, out_dim);
+    work = batch * (num_values + out_dim);
     const int64_t rows = bs == 1 ? out_dim : ceil_div(out_dim, bs);
     split_rows(chunks, rows, bs == 1 ? kLanes : 1, threads_for(work), &p.rows_per_task,
                &p.row_tasks);
@@ -731,13 +736,13 @@ struct SddmmPlan {
     }
   }
 
-  // Sums the chunks' partials in chunk order into dw (and d_bias, if planned); blocks are
-  // transposed back from their [j][i] partial layout.
+  // Sums the chunks' partials in chunk order into dw and d_bias (each if planned); blocks
+  // are transposed back from their [j][i] partial layout.
   void finish(T* dw, T* d_bias) const {
     const int64_t bs = p.block_size, nw = num_values;
-    const int64_t nb = p.partial_bias ? p.out_dim : 0;
+    const int64_t nb = d_bias ? p.out_dim : 0;
     if (chunks == 0) {  // no batch rows: every gradient is zero
-      std::fill(dw, dw + nw, static_cast<T>(0.f));
+      if (dw) std::fill(dw, dw + nw, static_cast<T>(0.f));
       if (d_bias) std::fill(d_bias, d_bias + p.out_dim, static_cast<T>(0.f));
       return;
     }
@@ -852,7 +857,7 @@ Tensor ws_sddmm_cpu(Tensor grad_y, Tensor x, Tensor crow_indices, Tensor col_ind
                         : torch::stable::new_empty(x, {nnz, block_size, block_size});
   MMATTN_DISPATCH_FLOAT_TYPES(x.scalar_type(), [&] {
     const SddmmPlan<scalar_t> plan(grad_y, x, block_size, crow_indices.const_data_ptr<int32_t>(),
-                                   col_indices.const_data_ptr<int32_t>(), nnz, false);
+                                   col_indices.const_data_ptr<int32_t>(), nnz, true, false);
     run_queue(plan.num_tasks, plan.work, [&](std::atomic<int64_t>& next) {
       for (int64_t t; (t = next.fetch_add(1)) < plan.num_tasks;) plan.run(t);
     });
@@ -861,11 +866,12 @@ Tensor ws_sddmm_cpu(Tensor grad_y, Tensor x, Tensor crow_indices, Tensor col_ind
   return d_values;
 }
 
-// Gradients of ws_spmm: (dx (N, in), d_values like values, d_bias (out,) or (0,)).
+// Gradients of ws_spmm: (dx (N, in), d_values like values, d_bias (out,)); each one not
+// asked for (need_dx, need_d_values, has_bias) is an empty (0,) tensor and costs nothing.
 std::tuple<Tensor, Tensor, Tensor> ws_spmm_backward_cpu(
     Tensor grad_y, Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices,
     Tensor ccol_indices, Tensor row_indices_t, Tensor transpose_perm, int64_t block_size,
-    bool has_bias) {
+    bool has_bias, bool need_dx, bool need_d_values) {
   check_matrix(grad_y, "grad_y");
   check_matrix(x, "x");
   check_block_size(block_size);
@@ -875,41 +881,53 @@ std::tuple<Tensor, Tensor, Tensor> ws_spmm_backward_cpu(
   const int64_t rows = ceil_div(out_dim, block_size), cols = ceil_div(in_dim, block_size);
   const int64_t nnz = col_indices.numel();
   check_compressed(crow_indices, col_indices, rows, cols, "crow_indices", "col_indices");
-  check_compressed(ccol_indices, row_indices_t, cols, rows, "ccol_indices", "row_indices_t");
-  check_int32_contiguous(transpose_perm, "transpose_perm");
-  STD_TORCH_CHECK(row_indices_t.numel() == nnz && transpose_perm.numel() == nnz,
-                  "the transposed layout must have as many entries as the layout");
-  const int32_t* perm = transpose_perm.const_data_ptr<int32_t>();
-  bool perm_out_of_range = false;
-  for (int64_t e = 0; e < nnz; ++e) {
-    perm_out_of_range |= static_cast<uint32_t>(perm[e]) >= static_cast<uint64_t>(nnz);
+  const int32_t* perm = nullptr;
+  if (need_dx) {  // only dx reads the transposed layout
+    check_compressed(ccol_indices, row_indices_t, cols, rows, "ccol_indices", "row_indices_t");
+    check_int32_contiguous(transpose_perm, "transpose_perm");
+    STD_TORCH_CHECK(row_indices_t.numel() == nnz && transpose_perm.numel() == nnz,
+                    "the transposed layout must have as many entries as the layout");
+    perm = transpose_perm.const_data_ptr<int32_t>();
+    bool perm_out_of_range = false;
+    for (int64_t e = 0; e < nnz; ++e) {
+      perm_out_of_range |= static_cast<uint32_t>(perm[e]) >= static_cast<uint64_t>(nnz);
+    }
+    STD_TORCH_CHECK(!perm_out_of_range, "transpose_perm has an entry out of [0, nnz)");
   }
-  STD_TORCH_CHECK(!perm_out_of_range, "transpose_perm has an entry out of [0, nnz)");
   check_values(values, x, nnz, block_size);
 
-  Tensor dx = torch::stable::new_empty(x, {x.size(0), in_dim});
-  Tensor d_values = torch::stable::new_empty(values, values.sizes());
-  Tensor d_bias = torch::stable::new_empty(x, {has_bias ? out_dim : 0});
+  const int64_t empty = 0;
+  Tensor dx = need_dx ? torch::stable::new_empty(x, {x.size(0), in_dim})
+                      : torch::stable::new_empty(x, {empty});
+  Tensor d_values = need_d_values ? torch::stable::new_empty(values, values.sizes())
+                                  : torch::stable::new_empty(values, {empty});
+  Tensor d_bias = torch::stable::new_empty(x, {has_bias ? out_dim : empty});
   // dx (SpMM over the transposed layout) and dW (SDDMM) tasks share one parallel region.
   MMATTN_DISPATCH_FLOAT_TYPES(x.scalar_type(), [&] {
-    const SpmmPlan<scalar_t> dx_plan(grad_y, values, ccol_indices.const_data_ptr<int32_t>(),
-                                     row_indices_t.const_data_ptr<int32_t>(), nnz, in_dim,
-                                     block_size, std::nullopt, perm, dx);
+    std::optional<SpmmPlan<scalar_t>> dx_plan;
+    if (need_dx) {
+      dx_plan.emplace(grad_y, values, ccol_indices.const_data_ptr<int32_t>(),
+                      row_indices_t.const_data_ptr<int32_t>(), nnz, in_dim, block_size,
+                      std::nullopt, perm, dx);
+    }
     const SddmmPlan<scalar_t> dw_plan(grad_y, x, block_size,
                                       crow_indices.const_data_ptr<int32_t>(),
-                                      col_indices.const_data_ptr<int32_t>(), nnz, has_bias);
-    const int64_t total = dx_plan.num_tasks + dw_plan.num_tasks;
-    run_queue(total, dx_plan.work + dw_plan.work, [&](std::atomic<int64_t>& next) {
-      int64_t loaded_tile = -1;
-      for (int64_t t; (t = next.fetch_add(1)) < total;) {
-        if (t < dx_plan.num_tasks) {
-          dx_plan.run(t, loaded_tile);
-        } else {
-          dw_plan.run(t - dx_plan.num_tasks);
-        }
-      }
-    });
-    dw_plan.finish(static_cast<scalar_t*>(d_values.mutable_data_ptr()),
+                                      col_indices.const_data_ptr<int32_t>(), nnz, need_d_values,
+                                      has_bias);
+    const int64_t dx_tasks = dx_plan ? dx_plan->num_tasks : 0;
+    const int64_t total = dx_tasks + dw_plan.num_tasks;
+    run_queue(total, (dx_plan ? dx_plan->work : 0) + dw_plan.work,
+              [&](std::atomic<int64_t>& next) {
+                int64_t loaded_tile = -1;
+                for (int64_t t; (t = next.fetch_add(1)) < total;) {
+                  if (t < dx_tasks) {
+                    dx_plan->run(t, loaded_tile);
+                  } else {
+                    dw_plan.run(t - dx_tasks);
+                  }
+                }
+              });
+    dw_plan.finish(need_d_values ? static_cast<scalar_t*>(d_values.mutable_data_ptr()) : nullptr,
                    has_bias ? static_cast<scalar_t*>(d_bias.mutable_data_ptr()) : nullptr);
   });
   return {dx, d_values, d_bias};
@@ -924,10 +942,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   // Gradient of the kept values: dW_e = sum_n grad_y[n, row(e)] x[n, col(e)].
   m.def("ws_sddmm(Tensor grad_y, Tensor x, Tensor crow_indices, Tensor col_indices, "
         "int block_size) -> Tensor");
-  // (dx, d_values, d_bias) of ws_spmm; d_bias is empty unless has_bias.
+  // (dx, d_values, d_bias) of ws_spmm; each is empty (0,) unless need_dx / need_d_values /
+  // has_bias asks for it.
   m.def("ws_spmm_backward(Tensor grad_y, Tensor x, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, Tensor ccol_indices, Tensor row_indices_t, "
-        "Tensor transpose_perm, int block_size, bool has_bias) -> (Tensor, Tensor, Tensor)");
+        "Tensor transpose_perm, int block_size, bool has_bias, bool need_dx=True, "
+        "bool need_d_values=True) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
