@@ -629,7 +629,8 @@ int64_t threads_for(int64_t work) {
 // depends on the thread count, never a result.
 void split_rows(int64_t batch_tasks, int64_t rows, int64_t granule, int64_t threads,
                 int64_t* rows_per_task, int64_t* row_tasks) {
-  int64_t wanted = batch_tasks >= 4 * threads ? 1 : ceil_div(4 * threads, batch_tasks);
+  int64_t wanted = threads == 1 || batch_tasks >= 4 * threads
+                       ? 1 : ceil_div(4 * threads, batch_tasks);
   wanted = std::max<int64_t>(1, std::min(wanted, ceil_div(rows, granule)));
   *rows_per_task = std::max<int64_t>(1, round_up(ceil_div(rows, wanted), granule));
   *row_tasks = std::max<int64_t>(1, ceil_div(rows, *rows_per_task));
