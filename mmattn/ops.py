@@ -40,12 +40,15 @@ def _ws_linear_backward_cpu(
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """``mmattn::ws_spmm_backward``: ``(dx like x (contiguous), d_values, d_bias)``; with
     ``need_dx`` / ``need_d_values`` False that gradient is skipped and None."""
+    flat = x.dim() == 2  # the common case skips two reshapes and a view
     dx, d_values, d_bias = torch.ops.mmattn.ws_spmm_backward.default(
-        grad_y.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), values, crow_indices,
-        col_indices, ccol_indices, row_indices_t, transpose_perm, block_size, has_bias,
-        need_dx, need_d_values)
-    return (dx.view(x.shape) if need_dx else None, d_values if need_d_values else None,
-            d_bias)
+        grad_y if flat else grad_y.reshape(-1, out_features),
+        x if flat else x.reshape(-1, x.shape[-1]), values, crow_indices, col_indices,
+        ccol_indices, row_indices_t, transpose_perm, block_size, has_bias, need_dx,
+        need_d_values)
+    if need_dx and not flat:
+        dx = dx.view(x.shape)
+    return dx if need_dx else None, d_values if need_d_values else None, d_bias
 
 
 # Backend name -> implementation. Kernel backends add themselves here as they
@@ -236,11 +239,13 @@ class _WSLinearEager(torch.autograd.Function):
         x, values = ctx.saved_tensors
         index, out_features, block_size, backend = ctx.meta
         need_dx, need_d_values, need_d_bias = ctx.needs_input_grad[:3]
-        skips = ({"need_dx": need_dx, "need_d_values": need_d_values}
-                 if backend in WS_LINEAR_BACKWARD_SKIPS_UNNEEDED else {})
-        dx, d_values, d_bias = WS_LINEAR_BACKWARD[backend](
-            grad_y.contiguous(), x, values, *index, out_features, block_size,
-            ctx.has_bias and need_d_bias, **skips)
+        impl = WS_LINEAR_BACKWARD[backend]
+        args = (grad_y.contiguous(), x, values, *index, out_features, block_size,
+                ctx.has_bias and need_d_bias)
+        if backend in WS_LINEAR_BACKWARD_SKIPS_UNNEEDED:
+            dx, d_values, d_bias = impl(*args, need_dx=need_dx, need_d_values=need_d_values)
+        else:
+            dx, d_values, d_bias = impl(*args)
         return (dx if need_dx else None, d_values if need_d_values else None,
                 d_bias if ctx.has_bias and need_d_bias else None, None)
 
