@@ -52,8 +52,7 @@ def _ws_linear_backward_cpu(
 
 
 # Backend name -> implementation. Kernel backends add themselves here as they
-# are built (the reference entry is the fallback and always present). Whether a
-# backend can run a given call is decided in mmattn.attention / mmattn.ws.
+# are built (the reference entry is the fallback and always present).
 ATTENTION_FORWARD = {"reference": reference.attention_forward}
 ATTENTION_BACKWARD = {"reference": reference.attention_backward}
 WS_LINEAR_FORWARD = {"reference": reference.ws_linear, "cpu": _ws_linear_cpu}
