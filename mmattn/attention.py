@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmattn import dispatch, ops
+from mmattn import _cpu_attention, dispatch, ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SEED = 2**63 - 1
@@ -90,6 +90,24 @@ def _fold_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[in
     return attn_mask.masked_fill(~dense, -math.inf)
 
 
+# Dtypes the fused kernels (mmattn::fused_attention_fwd/bwd) accept; float64 runs
+# on the reference only.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_ops_reason(device_type: str) -> str | None:
+    for op_name in (_cpu_attention.FORWARD_OP, _cpu_attention.BACKWARD_OP):
+        reason = dispatch.extension_reason(op_name, torch.device(device_type))
+        if reason is not None:
+            return reason
+    return None
+
+
+# Fixed at import (the extension is loaded by then), so that backend choice under
+# torch.compile reads a plain dict instead of calling into the dispatcher.
+_KERNEL_OPS_REASON = {device: _kernel_ops_reason(device) for device in ("cpu", "cuda")}
+
+
 def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> str | None:
     """Why ``backend`` cannot run this attention call, or None."""
     if backend == "reference":
@@ -99,15 +117,16 @@ def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> st
     if backend in ("cpu", "cuda"):
         if q.device.type != backend:
             return f"the {backend} backend needs {backend} tensors, got {q.device.type}"
-        reason = dispatch.extension_reason("attention_forward", q.device)
+        reason = _KERNEL_OPS_REASON[backend]
         if reason is not None:
             return reason
     if backend == "triton":
         reason = dispatch.triton_reason(q.device)
         if reason is not None:
             return reason
-    if q.dtype == torch.float64:
-        return "float64 runs on the reference backend only"
+    if q.dtype not in _KERNEL_DTYPES:
+        return (f"the {backend} attention kernels support float32, bfloat16 and float16, "
+                f"got {q.dtype} (float64 runs on the reference backend only)")
     return None
 
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmattn import reference
+from mmattn import _cpu_attention, reference
 
 # Backend name -> implementation. Kernel backends add themselves here as they
-# are built (the reference entry is the fallback and always present).
-ATTENTION_FORWARD = {"reference": reference.attention_forward}
-ATTENTION_BACKWARD = {"reference": reference.attention_backward}
+# are built (the reference entry is the fallback and always present). Whether
+# a backend can run a given call is decided before, in mmattn.attention.
+ATTENTION_FORWARD = {
+    "reference": reference.attention_forward,
+    "cpu": _cpu_attention.attention_forward,
+}
+ATTENTION_BACKWARD = {
+    "reference": reference.attention_backward,
+    "cpu": _cpu_attention.attention_backward,
+}
 WS_LINEAR_FORWARD = {"reference": reference.ws_linear}
 WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward}
 

@@ -1,0 +1,731 @@
+// Fused attention kernels, written once against the `Vec` interface
+// (simd_avx512.h, simd_avx2.h, simd_scalar.h) and compiled once per ISA.
+//
+// Included (no include guard, on purpose) by attention_cpu_{avx512,avx2,generic}.cpp
+// inside namespace mmattn::attn_cpu::<isa>, after `struct Vec` and inside that
+// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, csrc/philox.h
+// and attention_cpu.h are included before.
+//
+// Layout choice: every score tile is stored transposed, S^T[j][i] (key rows,
+// query lanes), so
+//   * S^T = K . Q^T needs no packing of K: K rows are broadcast scalars, and
+//     Q^T (packed once per 64-query tile) is the vector operand;
+//   * the softmax statistics (running max, sum, lse, delta) are vectors over
+//     query lanes: no horizontal reductions anywhere;
+//   * O^T = V^T . P^T accumulates in a (Dv, 64) tile whose lanes are queries,
+//     so the online-softmax rescale is one vector multiply per row.
+// All five products of the backward have the same form (C += A . B with B rows
+// contiguous), so one register-blocked micro-kernel serves everything.
+
+using R = Vec::R;
+using M = Vec::M;
+constexpr int W = Vec::W;
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+constexpr int kMaxGroups = static_cast<int>(kQueryTile) / W;  // vectors per query tile
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb).
+// A is read as broadcast scalars: A(m, k) = a[m * sa + k] when A_COL is false
+// (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and C rows are
+// vectors; the last vector of a strip is masked, so N needs no padding.
+// ---------------------------------------------------------------------------
+
+// Epilogue of a score tile (ACC == false only): C = scale * (A . B), and when
+// lane_max is given, lane_max[n] = max(lane_max[n], max_m C[m, n]). This
+// folds the scaling pass and the row-max pass of the softmax into the GEMM.
+struct ScoreEpilogue {
+  float scale;
+  float* lane_max;
+};
+
+template <int MR, int NV, bool ACC, bool A_COL, bool SCORES>
+inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
+                         const float* __restrict b, int64_t ldb, float* __restrict c,
+                         int64_t ldc, int tail_lanes, ScoreEpilogue epi) {
+  const typename Vec::Tail tail = Vec::tail(tail_lanes);
+  R acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (ACC) {
+        acc[r][v] = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
+                                : Vec::load(c + r * ldc + v * W);
+      } else {
+        acc[r][v] = Vec::zero();
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    R bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = v == NV - 1 ? Vec::load_t(b + v * W, tail) : Vec::load(b + v * W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+    b += ldb;
+  }
+  if constexpr (SCORES) {
+    const R scale = Vec::set1(epi.scale);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::mul(acc[r][v], scale);
+    }
+    if (epi.lane_max != nullptr) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        R mx = acc[0][v];
+#pragma GCC unroll 8
+        for (int r = 1; r < MR; ++r) mx = Vec::max(mx, acc[r][v]);
+        float* lm = epi.lane_max + v * W;
+        if (v == NV - 1) {
+          Vec::store_t(lm, Vec::max(Vec::load_t(lm, tail), mx), tail);
+        } else {
+          Vec::store(lm, Vec::max(Vec::load(lm), mx));
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (v == NV - 1) {
+        Vec::store_t(c + r * ldc + v * W, acc[r][v], tail);
+      } else {
+        Vec::store(c + r * ldc + v * W, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <int NV, bool ACC, bool A_COL, bool SCORES>
+inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
+                       int64_t ldb, float* c, int64_t ldc, int tail, ScoreEpilogue epi) {
+  constexpr int MR = Vec::kMR;
+  const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
+  int64_t m0 = 0;
+  for (; m0 + MR <= M; m0 += MR) {
+    micro_kernel<MR, NV, ACC, A_COL, SCORES>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc,
+                                             ldc, tail, epi);
+  }
+  const int64_t rest = M - m0;
+  const float* ar = a + m0 * row_step;
+  float* cr = c + m0 * ldc;
+  switch (rest) {
+    case 0: break;
+    case 1: micro_kernel<1, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
+    case 2: micro_kernel<2, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
+    case 3: micro_kernel<3, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
+    default:
+      if constexpr (MR > 4) {
+        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi);
+        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi);
+      }
+      break;
+  }
+}
+
+template <bool ACC, bool A_COL, bool SCORES = false>
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
+          int64_t ldb, float* c, int64_t ldc, ScoreEpilogue epi = {1.0f, nullptr}) {
+  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
+  static_assert(!(ACC && SCORES), "the score epilogue overwrites C");
+  constexpr int64_t strip = Vec::kNV * W;
+  if (M <= 0 || N <= 0) return;
+  for (int64_t n0 = 0; n0 < N; n0 += strip) {
+    const int64_t width = std::min(N - n0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+    ScoreEpilogue e = epi;
+    if (e.lane_max != nullptr) e.lane_max += n0;
+    switch (nv) {
+      case 1: gemm_strip<1, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e); break;
+      case 2: gemm_strip<2, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e); break;
+      case 3:
+        if constexpr (Vec::kNV >= 3) {
+          gemm_strip<3, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e);
+        }
+        break;
+      case 4:
+        if constexpr (Vec::kNV >= 4) {
+          gemm_strip<4, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e);
+        }
+        break;
+      default: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Score tiles: coordinates, masking.
+// ---------------------------------------------------------------------------
+
+// One (query tile) x (key tile) score tile of head (b, h).
+struct Tile {
+  int64_t i0 = 0, nq = 0;  // query rows [i0, i0 + nq), lanes of the tile
+  int64_t j0 = 0, nk = 0;  // key rows [j0, j0 + nk), rows of the tile
+  bool causal_cut = false;  // the causal diagonal crosses the tile
+  // Block-sparse partial block: visibility of (key row r, lane l) is
+  // partial[r * partial_ld + l] (already offset to this tile), or nullptr.
+  const uint8_t* partial = nullptr;
+  int64_t partial_ld = 0;
+};
+
+inline int64_t lanes_of(int64_t nq) { return round_up(nq, W); }
+
+// Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
+inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
+  const int64_t si = mask.si;
+  switch (mask.kind) {
+    case MaskKind::Bool: {
+      const uint8_t* p = static_cast<const uint8_t*>(mask.data) + offset;
+      for (int64_t l = 0; l < n; ++l) out[l] = p[l * si] ? 0.0f : kNegInf;
+      break;
+    }
+    case MaskKind::Float32: {
+      const float* p = static_cast<const float*>(mask.data) + offset;
+      for (int64_t l = 0; l < n; ++l) out[l] = p[l * si];
+      break;
+    }
+    default:
+      for (int64_t l = 0; l < n; ++l) out[l] = mask.additive(offset + l * si);
+      break;
+  }
+}
+
+inline bool tile_needs_mask(const Problem& P, const Tile& t) {
+  return P.mask.kind != MaskKind::None || P.kpm != nullptr || t.causal_cut ||
+         t.partial != nullptr;
+}
+
+// Applies the element masks to the scaled scores in st (t.nk rows of `lanes`
+// floats); with TRACK_MAX, lane_max receives the per-lane max over the rows.
+template <bool TRACK_MAX>
+void mask_scores(const Problem& P, int64_t b, int64_t h, const Tile& t, float* st,
+                 float* lane_max) {
+  const int64_t lanes = lanes_of(t.nq);
+  const int groups = static_cast<int>(lanes / W);
+  const R neg_inf = Vec::set1(kNegInf);
+  R mx[kMaxGroups];
+  for (int g = 0; g < groups; ++g) mx[g] = neg_inf;
+  const bool has_mask = P.mask.kind != MaskKind::None;
+  const int64_t mask_base = b * P.mask.sb + h * P.mask.sh + t.i0 * P.mask.si;
+  alignas(64) float mask_lanes[kQueryTile];
+  for (int64_t j = 0; j < t.nk; ++j) {
+    const int64_t key = t.j0 + j;
+    float* row = st + j * lanes;
+    bool row_hidden = P.kpm != nullptr && P.kpm[b * P.kpm_sb + key * P.kpm_sj] != 0;
+    float row_add = 0.0f;  // mask value shared by all lanes (mask broadcast over queries)
+    bool lane_mask = false;
+    if (has_mask && !row_hidden) {
+      const int64_t offset = mask_base + key * P.mask.sj;
+      if (P.mask.si == 0) {
+        row_add = P.mask.additive(offset);
+        row_hidden = row_add == kNegInf;
+      } else {
+        gather_mask_lanes(P.mask, offset, t.nq, mask_lanes);
+        for (int64_t l = t.nq; l < lanes; ++l) mask_lanes[l] = 0.0f;
+        lane_mask = true;
+      }
+    }
+    if (row_hidden) {
+      for (int g = 0; g < groups; ++g) Vec::store(row + g * W, neg_inf);
+      continue;
+    }
+    const R add = Vec::set1(row_add);
+    for (int g = 0; g < groups; ++g) {
+      R x = Vec::add(Vec::load(row + g * W), add);
+      if (lane_mask) x = Vec::add(x, Vec::load(mask_lanes + g * W));
+      if (t.causal_cut) {
+        // Lanes i < key are hidden: a prefix of (key - i0 - g*W) lanes.
+        x = Vec::blend(Vec::prefix(static_cast<int>(std::min<int64_t>(
+                           std::max<int64_t>(key - t.i0 - g * W, 0), W))),
+                       neg_inf, x);
+      }
+      if (t.partial) {
+        const int64_t valid = std::min<int64_t>(t.nq - g * W, W);
+        const M visible = Vec::bytes_nonzero(t.partial + j * t.partial_ld + g * W,
+                                             static_cast<int>(std::max<int64_t>(valid, 0)));
+        x = Vec::blend(visible, x, neg_inf);
+      }
+      Vec::store(row + g * W, x);
+      if constexpr (TRACK_MAX) mx[g] = Vec::max(mx[g], x);
+    }
+  }
+  if constexpr (TRACK_MAX) {
+    for (int g = 0; g < groups; ++g) Vec::store(lane_max + g * W, mx[g]);
+  }
+}
+
+// Score tile st = mask(scale * K[j0 : j0 + nk] . Q^T) for query lanes of t;
+// q_t points at the tile's first lane of a (D, ldq) transposed query block.
+// With TRACK_MAX, lane_max receives the per-lane max of the tile.
+template <bool TRACK_MAX>
+void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const float* k_head,
+                const float* q_t, int64_t ldq, float* st, float* lane_max) {
+  const int64_t lanes = lanes_of(t.nq);
+  const float* k_rows = k_head + t.j0 * P.k_sl;
+  if (!tile_needs_mask(P, t)) {
+    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
+    gemm<false, false, true>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes,
+                             {P.scale, TRACK_MAX ? lane_max : nullptr});
+    return;
+  }
+  gemm<false, false, true>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes,
+                           {P.scale, nullptr});
+  mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
+}
+
+// Dropout factor (keep ? drop_scale : 0) for key `key` and lanes of group g.
+inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
+  const uint32_t base = static_cast<uint32_t>(static_cast<uint64_t>((i0 + g * W) * P.Lk + key));
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint32_t>(P.Lk), c1,
+                                   P.keep_threshold);
+  return Vec::blend(keep, Vec::set1(P.drop_scale), Vec::zero());
+}
+
+// ---------------------------------------------------------------------------
+// Tile enumeration.
+// ---------------------------------------------------------------------------
+
+// Key tiles seen by query rows [i0, i0 + nq) of head (b, h) in q block qb.
+inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb, int64_t i0,
+                              int64_t nq, int64_t dense_tile, std::vector<Tile>& tiles) {
+  tiles.clear();
+  const int64_t i_last = i0 + nq - 1;
+  // Causal: keys beyond the tile's last query are hidden for all its rows.
+  const int64_t key_end = P.causal ? std::min(P.Lk, i_last + 1) : P.Lk;
+  auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld) {
+    for (int64_t j0 = lo; j0 < hi; j0 += dense_tile) {
+      Tile t;
+      t.i0 = i0;
+      t.nq = nq;
+      t.j0 = j0;
+      t.nk = std::min(dense_tile, hi - j0);
+      t.causal_cut = P.causal && t.j0 + t.nk - 1 > i0;
+      if (partial) {
+        t.partial = partial + (j0 - lo) * ld;
+        t.partial_ld = ld;
+      }
+      tiles.push_back(t);
+    }
+  };
+  if (!P.blocks.present) {
+    push(0, key_end, nullptr, 0);
+    return;
+  }
+  const BlockView& bv = P.blocks;
+  const int64_t row = bv.head_base(b, h) * bv.nbq + qb;
+  const int64_t count = bv.kv_num[row];
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t kb = bv.kv_idx[row * bv.nbk + n];
+    const int64_t lo = kb * bv.bk;
+    const int64_t hi = std::min({(kb + 1) * bv.bk, P.Lk, key_end});
+    if (lo >= hi) continue;
+    const int64_t pidx = bv.partial_index[row * bv.nbk + kb];
+    if (bv.full[row * bv.nbk + kb]) {
+      push(lo, hi, nullptr, 0);
+    } else if (pidx >= 0) {
+      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (i0 - qb * bv.bq);
+      push(lo, hi, pm, bv.bq);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------
+
+struct ForwardScratch {
+  std::unique_ptr<float[]> q_t, st, o_t;
+  alignas(64) float m[kQueryTile];
+  alignas(64) float m_use[kQueryTile];
+  alignas(64) float l[kQueryTile];
+  alignas(64) float alpha[kQueryTile];
+  alignas(64) float tile_max[kQueryTile];
+  std::vector<Tile> tiles;
+  std::vector<int64_t> tile_rows;  // weights mode: row offset of each tile in st
+};
+
+// Online-softmax forward of one query tile (flash: key tiles streamed, no Lq x Lk buffer).
+void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, int64_t h,
+                        int64_t lanes) {
+  const Problem& P = F.p;
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int groups = static_cast<int>(lanes / W);
+  for (const Tile& t : s.tiles) {
+    float* st = s.st.get();
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    bool rescale = false;
+    R m_use[kMaxGroups], sum[kMaxGroups];
+    for (int g = 0; g < groups; ++g) {
+      const R m_old = Vec::load(s.m + g * W);
+      const R m_new = Vec::max(m_old, Vec::load(s.tile_max + g * W));
+      // A row that has seen no visible key keeps max -inf; use 0 so that
+      // exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
+      m_use[g] = Vec::blend(Vec::eq(m_new, Vec::set1(kNegInf)), Vec::zero(), m_new);
+      const R alpha = Vec::exp(Vec::sub(m_old, m_use[g]));
+      rescale = rescale || !Vec::mask_none(Vec::mask_not(Vec::eq(m_old, m_new)));
+      Vec::store(s.alpha + g * W, alpha);
+      Vec::store(s.m + g * W, m_new);
+      Vec::store(s.l + g * W, Vec::mul(Vec::load(s.l + g * W), alpha));
+      sum[g] = Vec::zero();
+    }
+    for (int64_t j = 0; j < t.nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+        sum[g] = Vec::add(sum[g], p);
+        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
+        Vec::store(row + g * W, p);
+      }
+    }
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
+    }
+    float* ot = s.o_t.get();
+    if (rescale) {
+      for (int64_t dv = 0; dv < P.Dv; ++dv) {
+        for (int g = 0; g < groups; ++g) {
+          float* o = ot + dv * lanes + g * W;
+          Vec::store(o, Vec::mul(Vec::load(o), Vec::load(s.alpha + g * W)));
+        }
+      }
+    }
+    gemm<true, true>(P.Dv, lanes, t.nk, vb + t.j0 * P.v_sl, P.v_sl, st, lanes, ot, lanes);
+  }
+}
+
+// Forward of one query tile that also returns the weights: all key tiles'
+// scores are kept (nq x Lk at most, per thread) so each weight is normalised
+// with the row's final max and sum before it is written, exactly once.
+void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, int64_t h,
+                          int64_t lanes) {
+  const Problem& P = F.p;
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int groups = static_cast<int>(lanes / W);
+  s.tile_rows.clear();
+  int64_t rows = 0;
+  for (const Tile& t : s.tiles) {
+    s.tile_rows.push_back(rows);
+    float* st = s.st.get() + rows * lanes;
+    rows += t.nk;
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(s.m + g * W,
+                 Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
+    }
+  }
+  R m_use[kMaxGroups], sum[kMaxGroups];
+  for (int g = 0; g < groups; ++g) {
+    const R m = Vec::load(s.m + g * W);
+    m_use[g] = Vec::blend(Vec::eq(m, Vec::set1(kNegInf)), Vec::zero(), m);
+    sum[g] = Vec::zero();
+  }
+  // Sums per key tile, then over tiles: float32 error grows with the tile
+  // length, not with Lk.
+  float* st_all = s.st.get();
+  for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
+    float* st = st_all + s.tile_rows[ti] * lanes;
+    R part[kMaxGroups];
+    for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+    for (int64_t j = 0; j < s.tiles[ti].nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+        part[g] = Vec::add(part[g], p);
+        Vec::store(row + g * W, p);
+      }
+    }
+    for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+  }
+  // 1 / sum per lane, 0 for rows with no visible key (their p are all 0).
+  R inv[kMaxGroups];
+  for (int g = 0; g < groups; ++g) {
+    Vec::store(s.l + g * W, sum[g]);
+    alignas(64) float tmp[W];
+    Vec::store(tmp, sum[g]);
+    for (int l = 0; l < W; ++l) tmp[l] = tmp[l] > 0.0f ? 1.0f / tmp[l] : 0.0f;
+    inv[g] = Vec::load(tmp);
+  }
+  const int64_t row_stride = P.Lk;
+  float* wbase = F.weights + ((b * P.Hq + h) * P.Lq) * P.Lk;
+  float* ot = s.o_t.get();
+  for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
+    const Tile& t = s.tiles[ti];
+    float* st = st_all + s.tile_rows[ti] * lanes;
+    for (int64_t j = 0; j < t.nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        R p = Vec::mul(Vec::load(row + g * W), inv[g]);
+        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
+        Vec::store(row + g * W, p);
+      }
+    }
+    // Transposed write (lane i of key row j is weights[i][j]) in blocks of 16
+    // keys, so every weights row receives whole cache lines.
+    for (int64_t jb = 0; jb < t.nk; jb += 16) {
+      const int64_t jn = std::min<int64_t>(16, t.nk - jb);
+      for (int64_t i = 0; i < t.nq; ++i) {
+        float* w = wbase + (t.i0 + i) * row_stride + t.j0 + jb;
+        const float* src = st + jb * lanes + i;
+        for (int64_t jj = 0; jj < jn; ++jj) w[jj] = src[jj * lanes];
+      }
+    }
+    gemm<true, true>(P.Dv, lanes, t.nk, vb + t.j0 * P.v_sl, P.v_sl, st, lanes, ot, lanes);
+  }
+}
+
+void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
+  const Problem& P = F.p;
+  ForwardScratch s;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
+  s.q_t.reset(new float[P.D * kQueryTile]);
+  s.o_t.reset(new float[std::max<int64_t>(P.Dv, 1) * kQueryTile]);
+  const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
+  s.st.reset(new float[st_rows * kQueryTile]);
+
+  const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
+  const int64_t total = F.num_items();
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t t_in_block = item % tpb;
+    int64_t qb = (item / tpb) % nqb;
+    const int64_t bh = item / (tpb * nqb);
+    // Causal rows get heavier with i: hand out the heavy tiles first.
+    if (P.causal) qb = nqb - 1 - qb;
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const int64_t i0 = qb * qrows + t_in_block * kQueryTile;
+    const int64_t i_end = std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
+    const int64_t nq = i_end - i0;
+    if (nq <= 0) continue;
+    const int64_t lanes = lanes_of(nq);
+
+    // Q^T tile, zero lanes beyond nq.
+    const float* qrow = P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl;
+    float* qt = s.q_t.get();
+    for (int64_t d = 0; d < P.D; ++d) {
+      for (int64_t i = nq; i < lanes; ++i) qt[d * lanes + i] = 0.0f;
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* src = qrow + i * P.q_sl;
+      for (int64_t d = 0; d < P.D; ++d) qt[d * lanes + i] = src[d];
+    }
+    std::fill(s.m, s.m + lanes, kNegInf);
+    std::fill(s.l, s.l + lanes, 0.0f);
+    std::fill(s.o_t.get(), s.o_t.get() + P.Dv * lanes, 0.0f);
+
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, s.tiles);
+    if (F.weights) {
+      forward_tile_weights(F, s, b, h, lanes);
+    } else {
+      forward_tile_flash(F, s, b, h, lanes);
+    }
+
+    // out = O^T transposed (divided by the softmax sum in flash mode), lse = m + log(l).
+    const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
+    const float* ot = s.o_t.get();
+    for (int64_t i = 0; i < nq; ++i) {
+      const float l = s.l[i];
+      // Weights mode already normalised P; flash mode divides by the sum here.
+      const float inv = F.weights ? 1.0f : (l > 0.0f ? 1.0f / l : 0.0f);
+      F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
+      float* dst = F.out + (row0 + i) * P.Dv;
+      for (int64_t dv = 0; dv < P.Dv; ++dv) dst[dv] = ot[dv * lanes + i] * inv;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------
+
+void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
+  const Problem& P = G.p;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const float* q = P.q + b * P.q_sb + h * P.q_sh;
+    const float* dout = G.dout + b * G.do_sb + h * G.do_sh;
+    const float* out = G.out + b * G.o_sb + h * G.o_sh;
+    float* qt = G.q_t + bh * P.D * G.lq_pad;
+    float* dot = G.do_t + bh * P.Dv * G.lq_pad;
+    for (int64_t d = 0; d < P.D; ++d) std::fill(qt + d * G.lq_pad + P.Lq, qt + (d + 1) * G.lq_pad, 0.f);
+    for (int64_t d = 0; d < P.Dv; ++d) {
+      std::fill(dot + d * G.lq_pad + P.Lq, dot + (d + 1) * G.lq_pad, 0.f);
+    }
+    for (int64_t i = 0; i < P.Lq; ++i) {
+      const float* qi = q + i * P.q_sl;
+      for (int64_t d = 0; d < P.D; ++d) qt[d * G.lq_pad + i] = qi[d];
+      const float* gi = dout + i * G.do_sl;
+      const float* oi = out + i * G.o_sl;
+      float delta = 0.0f;
+      for (int64_t d = 0; d < P.Dv; ++d) {
+        dot[d * G.lq_pad + i] = gi[d];
+        delta += gi[d] * oi[d];
+      }
+      G.delta[bh * P.Lq + i] = delta;
+    }
+  }
+}
+
+struct BackwardScratch {
+  std::unique_ptr<float[]> st, pd, dp, z;
+  alignas(64) float lse[kQueryTile];
+  alignas(64) float delta[kQueryTile];
+  std::vector<Tile> tiles;
+};
+
+// Query tiles of head (b, h) that see key rows [j0, j0 + nk) (key block kb).
+inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t kb, int64_t j0,
+                                int64_t nk, std::vector<Tile>& tiles) {
+  tiles.clear();
+  auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld, int64_t row0) {
+    // Causal: queries before j0 see none of these keys.
+    if (P.causal) lo = std::max(lo, row0 + (j0 - row0) / kQueryTile * kQueryTile);
+    for (int64_t i0 = lo; i0 < hi; i0 += kQueryTile) {
+      Tile t;
+      t.i0 = i0;
+      t.nq = std::min(kQueryTile, hi - i0);
+      t.j0 = j0;
+      t.nk = nk;
+      if (P.causal && j0 > i0 + t.nq - 1) continue;
+      t.causal_cut = P.causal && j0 + nk - 1 > i0;
+      if (partial) {
+        t.partial = partial + (i0 - lo);
+        t.partial_ld = ld;
+      }
+      tiles.push_back(t);
+    }
+  };
+  if (!P.blocks.present) {
+    push(0, P.Lq, nullptr, 0, 0);
+    return;
+  }
+  const BlockView& bv = P.blocks;
+  const int64_t base = bv.head_base(b, h);
+  const int64_t col = base * bv.nbk + kb;
+  const int64_t count = bv.q_num[col];
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t qb = bv.q_idx[col * bv.nbq + n];
+    const int64_t lo = qb * bv.bq;
+    const int64_t hi = std::min((qb + 1) * bv.bq, P.Lq);
+    const int64_t cell = (base * bv.nbq + qb) * bv.nbk + kb;
+    const int64_t pidx = bv.partial_index[cell];
+    if (bv.full[cell]) {
+      push(lo, hi, nullptr, 0, lo);
+    } else if (pidx >= 0) {
+      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (j0 - kb * bv.bk) * bv.bq;
+      push(lo, hi, pm, bv.bq, lo);
+    }
+  }
+}
+
+void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
+                   const Tile& t, float* dq, float* dk, float* dv) {
+  const Problem& P = G.p;
+  const int64_t hk = h / P.group();
+  const int64_t bh = b * P.Hq + h;
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int64_t lanes = lanes_of(t.nq);
+  const int groups = static_cast<int>(lanes / W);
+
+  float* st = s.st.get();
+  score_tile<false>(P, b, h, t, kb, G.q_t + bh * P.D * G.lq_pad + t.i0, G.lq_pad, st, nullptr);
+
+  for (int64_t i = 0; i < lanes; ++i) {
+    const bool valid = i < t.nq;
+    s.lse[i] = valid ? G.lse[bh * P.Lq + t.i0 + i] : kPosInf;
+    s.delta[i] = valid ? G.delta[bh * P.Lq + t.i0 + i] : 0.0f;
+  }
+  // P = exp(x - lse) (0 for rows with no visible key: lse = +inf), and the
+  // dropped-out Pd = P * Z that multiplied V in the forward.
+  float* pd = P.dropout ? s.pd.get() : st;
+  float* z = s.z.get();
+  for (int64_t j = 0; j < t.nk; ++j) {
+    float* row = st + j * lanes;
+    for (int g = 0; g < groups; ++g) {
+      const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W)));
+      Vec::store(row + g * W, p);
+      if (P.dropout) {
+        const R zf = dropout_factor(P, b, h, t.i0, g, t.j0 + j);
+        Vec::store(z + j * lanes + g * W, zf);
+        Vec::store(pd + j * lanes + g * W, Vec::mul(p, zf));
+      }
+    }
+  }
+  const float* dout = G.dout + b * G.do_sb + h * G.do_sh + t.i0 * G.do_sl;
+  // dV[j] += sum_i Pd[j][i] dO[i]
+  gemm<true, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, dv + t.j0 * P.Dv, P.Dv);
+  // dP^T = V . dO^T
+  float* dp = s.dp.get();
+  gemm<false, false>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
+                     G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes);
+  // dS = P * (dP * Z - delta), times scale once here for both dQ and dK.
+  const R scale = Vec::set1(P.scale);
+  for (int64_t j = 0; j < t.nk; ++j) {
+    for (int g = 0; g < groups; ++g) {
+      const int64_t o = j * lanes + g * W;
+      R d = Vec::load(dp + o);
+      if (P.dropout) d = Vec::mul(d, Vec::load(z + o));
+      d = Vec::mul(Vec::mul(Vec::load(st + o), Vec::sub(d, Vec::load(s.delta + g * W))), scale);
+      Vec::store(dp + o, d);
+    }
+  }
+  // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
+  gemm<true, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+                    P.q_sl, dk + t.j0 * P.D, P.D);
+  gemm<true, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl,
+                   dq + (bh * P.Lq + t.i0) * P.D, P.D);
+}
+
+void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
+  const Problem& P = G.p;
+  BackwardScratch s;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
+  s.st.reset(new float[key_tile * kQueryTile]);
+  s.dp.reset(new float[key_tile * kQueryTile]);
+  if (P.dropout) {
+    s.pd.reset(new float[key_tile * kQueryTile]);
+    s.z.reset(new float[key_tile * kQueryTile]);
+  }
+  const int64_t units = G.key_units(), per_chunk = G.units_per_chunk();
+  const int64_t total = G.num_items();
+  const int64_t unit_rows = P.blocks.present ? P.blocks.bk : kKeyTileBwd;
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t chunk = item % G.num_chunks;
+    const int64_t bhk = item / G.num_chunks;
+    const int64_t b = bhk / P.Hkv, hk = bhk % P.Hkv;
+    float* dq = G.dq + chunk * P.B * P.Hq * P.Lq * P.D;
+    float* dk = G.dk + bhk * P.Lk * P.D;
+    float* dv = G.dv + bhk * P.Lk * P.Dv;
+    const int64_t u_end = std::min(units, (chunk + 1) * per_chunk);
+    for (int64_t u = chunk * per_chunk; u < u_end; ++u) {
+      const int64_t lo = u * unit_rows, hi = std::min((u + 1) * unit_rows, P.Lk);
+      for (int64_t j0 = lo; j0 < hi; j0 += key_tile) {
+        const int64_t nk = std::min(key_tile, hi - j0);
+        for (int64_t g = 0; g < P.group(); ++g) {
+          const int64_t h = hk * P.group() + g;
+          collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
+          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, dq, dk, dv);
+        }
+      }
+    }
+  }
+}
+
+const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_worker};
