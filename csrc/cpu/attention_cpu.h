@@ -17,6 +17,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <new>
 
 #include <torch/headeronly/util/Half.h>
 
@@ -30,6 +32,17 @@ constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTileFwd = 128;
 constexpr int64_t kKeyTileBwd = 64;
 constexpr int64_t kMaxKeyTile = 256;
+
+// Per-thread scratch: 64-byte aligned (a cache line, a zmm register), so the
+// vector rows of the score tiles never straddle cache lines.
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using Buffer = std::unique_ptr<float[], AlignedDelete>;
+inline Buffer make_buffer(int64_t n) {
+  return Buffer(static_cast<float*>(
+      ::operator new[](static_cast<size_t>(n > 0 ? n : 1) * sizeof(float), std::align_val_t(64))));
+}
 
 enum class MaskKind : int { None = 0, Bool, Float32, Float64, BFloat16, Float16 };
 

@@ -348,7 +348,7 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
 // ---------------------------------------------------------------------------
 
 struct ForwardScratch {
-  std::unique_ptr<float[]> q_t, st, o_t;
+  Buffer q_t, st, o_t;
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
@@ -463,28 +463,43 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     for (int l = 0; l < W; ++l) tmp[l] = tmp[l] > 0.0f ? 1.0f / tmp[l] : 0.0f;
     inv[g] = Vec::load(tmp);
   }
-  const int64_t row_stride = P.Lk;
+  const int64_t ld = P.Lk;
   float* wbase = F.weights + ((b * P.Hq + h) * P.Lq) * P.Lk;
   float* ot = s.o_t.get();
   for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
     const Tile& t = s.tiles[ti];
     float* st = st_all + s.tile_rows[ti] * lanes;
-    for (int64_t j = 0; j < t.nk; ++j) {
-      float* row = st + j * lanes;
+    // weights = p * Z / sum, written transposed (lane i of key row j is
+    // weights[i][j]) one W x W block at a time; p * Z stays in st for P.V,
+    // whose result is divided by the sum at the end as in flash mode.
+    for (int64_t jb = 0; jb < t.nk; jb += W) {
+      const int jn = static_cast<int>(std::min<int64_t>(W, t.nk - jb));
       for (int g = 0; g < groups; ++g) {
-        R p = Vec::mul(Vec::load(row + g * W), inv[g]);
-        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
-        Vec::store(row + g * W, p);
-      }
-    }
-    // Transposed write (lane i of key row j is weights[i][j]) in blocks of 16
-    // keys, so every weights row receives whole cache lines.
-    for (int64_t jb = 0; jb < t.nk; jb += 16) {
-      const int64_t jn = std::min<int64_t>(16, t.nk - jb);
-      for (int64_t i = 0; i < t.nq; ++i) {
-        float* w = wbase + (t.i0 + i) * row_stride + t.j0 + jb;
-        const float* src = st + jb * lanes + i;
-        for (int64_t jj = 0; jj < jn; ++jj) w[jj] = src[jj * lanes];
+        R rows[W];
+        for (int r = 0; r < W; ++r) {
+          if (r >= jn) {
+            rows[r] = Vec::zero();
+            continue;
+          }
+          float* src = st + (jb + r) * lanes + g * W;
+          R p = Vec::load(src);
+          if (P.dropout) {
+            p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + jb + r));
+            Vec::store(src, p);
+          }
+          rows[r] = Vec::mul(p, inv[g]);
+        }
+        const int64_t valid = std::min<int64_t>(W, t.nq - g * W);
+        float* dst = wbase + (t.i0 + g * W) * ld + t.j0 + jb;
+        if (jn == W && valid == W) {
+          Vec::transpose_store(rows, dst, ld);
+        } else {
+          alignas(64) float block[W * W];
+          for (int r = 0; r < jn; ++r) Vec::store(block + r * W, rows[r]);
+          for (int64_t l = 0; l < valid; ++l) {
+            for (int r = 0; r < jn; ++r) dst[l * ld + r] = block[r * W + l];
+          }
+        }
       }
     }
     gemm<true, true>(P.Dv, lanes, t.nk, vb + t.j0 * P.v_sl, P.v_sl, st, lanes, ot, lanes);
@@ -495,10 +510,10 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   const Problem& P = F.p;
   ForwardScratch s;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
-  s.q_t.reset(new float[P.D * kQueryTile]);
-  s.o_t.reset(new float[std::max<int64_t>(P.Dv, 1) * kQueryTile]);
+  s.q_t = make_buffer(P.D * kQueryTile);
+  s.o_t = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
-  s.st.reset(new float[st_rows * kQueryTile]);
+  s.st = make_buffer(st_rows * kQueryTile);
 
   const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
   const int64_t total = F.num_items();
@@ -541,8 +556,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     const float* ot = s.o_t.get();
     for (int64_t i = 0; i < nq; ++i) {
       const float l = s.l[i];
-      // Weights mode already normalised P; flash mode divides by the sum here.
-      const float inv = F.weights ? 1.0f : (l > 0.0f ? 1.0f / l : 0.0f);
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
       float* dst = F.out + (row0 + i) * P.Dv;
       for (int64_t dv = 0; dv < P.Dv; ++dv) dst[dv] = ot[dv * lanes + i] * inv;
@@ -583,7 +597,7 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
 }
 
 struct BackwardScratch {
-  std::unique_ptr<float[]> st, pd, dp, z;
+  Buffer st, pd, dp, z;
   alignas(64) float lse[kQueryTile];
   alignas(64) float delta[kQueryTile];
   std::vector<Tile> tiles;
@@ -697,11 +711,11 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   const Problem& P = G.p;
   BackwardScratch s;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
-  s.st.reset(new float[key_tile * kQueryTile]);
-  s.dp.reset(new float[key_tile * kQueryTile]);
+  s.st = make_buffer(key_tile * kQueryTile);
+  s.dp = make_buffer(key_tile * kQueryTile);
   if (P.dropout) {
-    s.pd.reset(new float[key_tile * kQueryTile]);
-    s.z.reset(new float[key_tile * kQueryTile]);
+    s.pd = make_buffer(key_tile * kQueryTile);
+    s.z = make_buffer(key_tile * kQueryTile);
   }
   const int64_t units = G.key_units(), per_chunk = G.units_per_chunk();
   const int64_t total = G.num_items();

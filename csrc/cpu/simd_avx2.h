@@ -60,6 +60,25 @@ struct Vec {
     return from_bits(bits);
   }
 
+  // dst[l * ld + r] = rows[r][l] for r, l < 8: the 8 x 8 register transpose.
+  static inline void transpose_store(const R* rows, float* dst, int64_t ld) {
+    R t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(rows[i], rows[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+      _mm256_storeu_ps(dst + (4 + c) * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+    }
+  }
+
   // exp(x) to about 1 ulp; same reduction and polynomial as the AVX-512 version,
   // 2^n built from exponent bits. Inputs below -88 give exactly 0 (n = -127
   // makes the exponent field 0), so -inf maps to 0; max(c, x) keeps NaN.

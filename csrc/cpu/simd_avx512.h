@@ -50,6 +50,37 @@ struct Vec {
     return _mm_test_epi8_mask(bytes, bytes);
   }
 
+  // dst[l * ld + r] = rows[r][l] for r, l < 16: a 16 x 16 register transpose
+  // (unpack 32-bit, unpack 64-bit, two 128-bit lane shuffles), so a tile of
+  // query lanes leaves as whole 64-byte rows of the weights matrix.
+  static inline void transpose_store(const R* rows, float* dst, int64_t ld) {
+    R t[16], u[16], v[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // u[i + c]: rows i..i+3 of columns 4L + c
+      const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+      const __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
+      u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+      u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int c = 0; c < 4; ++c) {
+      v[c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+      v[4 + c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+      v[8 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+      v[12 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm512_storeu_ps(dst + (c) * ld, _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88));
+      _mm512_storeu_ps(dst + (8 + c) * ld, _mm512_shuffle_f32x4(v[c], v[8 + c], 0xdd));
+      _mm512_storeu_ps(dst + (4 + c) * ld, _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0x88));
+      _mm512_storeu_ps(dst + (12 + c) * ld, _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0xdd));
+    }
+  }
+
   // exp(x) to about 1 ulp: n = round(x / ln2), r = x - n*ln2 in two parts
   // (Cody-Waite, so r is exact enough even for large |x|), e^r by a degree-6
   // minimax polynomial on [-ln2/2, ln2/2] (relative error 1e-7 in float32
