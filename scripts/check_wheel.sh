@@ -41,7 +41,7 @@ if command -v nvcc >/dev/null 2>&1 && [ "${MMATTN_CUDA:-auto}" != "0" ]; then
   for arch in sm_80 sm_90; do
     echo "$ELF" | grep -q "$arch" || { echo "FAIL: no $arch code in $SO"; exit 1; }
   done
-  "$CUOBJDUMP" --list-ptx "$SO" | grep -q compute_90 || { echo "FAIL: no compute_90 PTX"; exit 1; }
+  "$CUOBJDUMP" --list-ptx "$SO" | grep -Eq "(sm|compute)_90\.ptx" || { echo "FAIL: no compute_90 PTX"; exit 1; }
   if ldd "$SO" | grep -q libcudart; then echo "FAIL: cudart is linked dynamically"; exit 1; fi
   EXPECT_CUDA=1
 else
