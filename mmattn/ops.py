@@ -112,16 +112,21 @@ def _attention_setup_context(ctx, inputs, output):
     )
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
+def _attention_grads(run_backward, ctx, grad_out, grad_weights):
+    """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``."""
     q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed = ctx.saved_tensors
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
-    dq, dk, dv, d_mask = attention_backward(
+    dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
         ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
     )
     return (dq, dk, dv, d_mask if ctx.mask_needs_grad else None,
             None, None, None, None, None, None, None)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
+    return _attention_grads(attention_backward, ctx, grad_out, grad_weights)
 
 
 torch.library.register_autograd(
@@ -142,17 +147,8 @@ class _EagerAttention(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_weights):
-        q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed = ctx.saved_tensors
-        if grad_weights is not None and grad_weights.numel() == 0:
-            grad_weights = None
-        dq, dk, dv, d_mask = _attention_backward_impl(
-            grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask,
-            key_padding_mask, ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed,
-            ctx.mask_needs_grad, ctx.backend,
-        )
-        return (dq, dk, dv, d_mask if ctx.mask_needs_grad else None,
-                None, None, None, None, None, None, None)
+    def backward(ctx, grad_out, _grad_lse, grad_weights):
+        return _attention_grads(_attention_backward_impl, ctx, grad_out, grad_weights)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -239,13 +235,18 @@ def _ws_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _ws_backward(ctx, grad_y):
+def _ws_grads(run_backward, ctx, grad_y):
+    """Gradients of ``ws_linear``'s inputs, computed by ``run_backward``."""
     x, values, crow, col, rows, ccol, rows_t, perm = ctx.saved_tensors
-    dx, d_values, d_bias = ws_linear_backward(
+    dx, d_values, d_bias = run_backward(
         grad_y.contiguous(), x, values, crow, col, rows, ccol, rows_t, perm, ctx.out_features,
         ctx.block_size, ctx.has_bias, ctx.backend)
     return (dx, d_values, None, None, None, None, None, None, None, None,
             d_bias if ctx.has_bias else None, None)
+
+
+def _ws_backward(ctx, grad_y):
+    return _ws_grads(ws_linear_backward, ctx, grad_y)
 
 
 torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)
@@ -264,12 +265,7 @@ class _EagerWSLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values, crow, col, rows, ccol, rows_t, perm = ctx.saved_tensors
-        dx, d_values, d_bias = _ws_linear_backward_impl(
-            grad_y.contiguous(), x, values, crow, col, rows, ccol, rows_t, perm,
-            ctx.out_features, ctx.block_size, ctx.has_bias, ctx.backend)
-        return (dx, d_values, None, None, None, None, None, None, None, None,
-                d_bias if ctx.has_bias else None, None)
+        return _ws_grads(_ws_linear_backward_impl, ctx, grad_y)
 
 
 def ws_linear_apply(
