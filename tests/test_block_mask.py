@@ -581,3 +581,17 @@ def test_public_constructor_checks_consistency():
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             build()
+
+
+def test_gallery_example_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "masks_gallery.py"
+    namespace = runpy.run_path(str(example))
+    panels = namespace["gallery"]()
+    assert len(panels) == 8 and all(isinstance(mask, BlockMask) for _, mask in panels)
+    output = tmp_path / "gallery.png"
+    namespace["main"](output)
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
