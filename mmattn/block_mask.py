@@ -798,10 +798,10 @@ class BlockMask:
              ax: Any = None, title: str | None = None) -> Any:
         """Draw the mask of ``(batch, head)`` with matplotlib; write a PNG if ``path``.
 
-        Up to 4M elements the picture is element-level: white hidden, light grey the hidden
-        elements of partial blocks, orange visible elements of partial blocks, dark blue
-        full blocks. Larger masks are drawn per block (white empty, orange partial, blue
-        full). Draws into ``ax`` when given (for galleries), else a new figure.
+        Up to 4M elements the picture is element-level: white = empty block, light grey /
+        orange = hidden / visible element of a partial block, dark blue = full block.
+        Larger masks are drawn per block (white empty, orange partial, blue full). Draws
+        into ``ax`` when given (for galleries), else into a new figure (no pyplot state).
         Returns the matplotlib ``Axes``.
         """
         try:
