@@ -21,8 +21,6 @@ Kernel facts (see the C++ sources for the why):
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -32,33 +30,14 @@ FORWARD_OP = "fused_attention_fwd"
 BACKWARD_OP = "fused_attention_bwd"
 
 
-class BlockMaskTensors(NamedTuple):
-    """The compressed fields of an ``mmattn.BlockMask`` that the kernels read.
-
-    All int32/bool, contiguous, leading ``(Bm, Hm)`` with ``Bm in {1, B}`` and
-    ``Hm in {1, Hq}``: ``kv_num_blocks (Bm, Hm, nbq)``, ``kv_indices (Bm, Hm, nbq, nbk)``,
-    ``q_num_blocks (Bm, Hm, nbk)``, ``q_indices (Bm, Hm, nbk, nbq)``,
-    ``full_blocks`` bool ``(Bm, Hm, nbq, nbk)``, ``partial_index (Bm, Hm, nbq, nbk)``
-    (-1 where no partial mask), ``partial_masks`` bool ``(P, bq, bk)``, and the
-    block sizes.
-    """
-
-    kv_num_blocks: Tensor
-    kv_indices: Tensor
-    q_num_blocks: Tensor
-    q_indices: Tensor
-    full_blocks: Tensor
-    partial_index: Tensor
-    partial_masks: Tensor
-    block_q: int
-    block_k: int
-
-
 _NO_BLOCKS = (None, None, None, None, None, None, None, 0, 0)
 
 
-def _block_args(blocks: BlockMaskTensors | None) -> tuple:
-    return _NO_BLOCKS if blocks is None else tuple(blocks)
+def _block_args(block_mask: list[Tensor] | None, block_size: list[int] | None) -> tuple:
+    """The op's block-mask arguments: the 7 tensors of ``ops.block_mask_args`` and (bq, bk)."""
+    if block_mask is None:
+        return _NO_BLOCKS
+    return (*block_mask, int(block_size[0]), int(block_size[1]))
 
 
 def kernel_isa() -> str:
@@ -69,25 +48,30 @@ def kernel_isa() -> str:
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: int | None,
-    return_weights: bool, blocks: BlockMaskTensors | None = None,
+    return_weights: bool, block_mask: list[Tensor] | None = None,
+    block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out, lse, weights)`` from the fused CPU kernel; see ``reference.attention_forward``."""
+    """``(out, lse, weights)`` from the fused CPU kernel; see ``reference.attention_forward``.
+
+    ``block_mask``/``block_size``: a BlockMask laid out by ``ops.block_mask_args``; the
+    kernel visits only its nonempty blocks and skips element masking in full ones.
+    """
     return torch.ops.mmattn.fused_attention_fwd(
         q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-        _seed_int(dropout_seed), return_weights, *_block_args(blocks))
+        _seed_int(dropout_seed), return_weights, *_block_args(block_mask, block_size))
 
 
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
     dropout_p: float, scale: float, dropout_seed: int | None,
-    blocks: BlockMaskTensors | None = None,
+    block_mask: list[Tensor] | None = None, block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, d_mask)`` from the fused CPU kernel (``d_mask`` is always empty:
     float-mask gradients are routed to the reference by ``mmattn::attention_backward``)."""
     dq, dk, dv = torch.ops.mmattn.fused_attention_bwd(
         grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-        _seed_int(dropout_seed), *_block_args(blocks))
+        _seed_int(dropout_seed), *_block_args(block_mask, block_size))
     return dq, dk, dv, q.new_empty(0)
 
 

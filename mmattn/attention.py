@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mmattn import _cpu_attention, dispatch, ops
+from mmattn.block_mask import BlockMask
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SEED = 2**63 - 1
@@ -67,14 +68,34 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
     return attn_mask.expand(target)
 
 
-def _fold_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
-                     device: torch.device) -> Tensor | None:
-    """Combine a block mask with ``attn_mask`` as one element mask (AND semantics)."""
-    if block_mask is None:
+def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
+                     device: torch.device) -> tuple[list[Tensor] | None, list[int] | None]:
+    """Check a BlockMask against the call and lay it out for the ops (or (None, None)).
+
+    Its compressed indices travel to the kernels, which skip empty blocks; backends
+    without block-sparse kernels get it densified inside the op (mmattn.ops).
+    """
+    if block_mask is None or not isinstance(block_mask, BlockMask):
+        return None, None
+    if tuple(block_mask.seq_lengths) != (lq, lk):
+        raise ValueError(f"block_mask covers (Lq, Lk) = {tuple(block_mask.seq_lengths)}, the "
+                         f"call has {(lq, lk)}")
+    bm, hm = block_mask.layout.shape[:2]
+    if bm not in (1, b) or hm not in (1, hq):
+        raise ValueError(f"block_mask has (Bm, Hm) = {(bm, hm)}; they must be 1 or "
+                         f"(B, Hq) = {(b, hq)}")
+    return ops.block_mask_args(block_mask.to(device))
+
+
+def _fold_dense_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
+                           device: torch.device) -> Tensor | None:
+    """A mask object other than a BlockMask (anything with ``to_dense()`` returning a bool
+    tensor broadcastable to ``target``) combined with ``attn_mask`` as one element mask."""
+    if block_mask is None or isinstance(block_mask, BlockMask):
         return attn_mask
     if not hasattr(block_mask, "to_dense"):
-        raise TypeError(f"block_mask must be an mmattn.BlockMask (anything with to_dense()), got "
-                        f"{type(block_mask).__name__}")
+        raise TypeError(f"block_mask must be an mmattn.BlockMask (or anything with "
+                        f"to_dense()), got {type(block_mask).__name__}")
     dense = block_mask.to_dense()
     if not isinstance(dense, Tensor) or dense.dtype != torch.bool:
         raise TypeError("block_mask.to_dense() must return a bool tensor")
@@ -168,7 +189,8 @@ def cross_attention(
     lk = k.shape[2]
     target = (b, hq, lq, lk)
     mask = _normalise_attn_mask(attn_mask, target, q)
-    mask = _fold_block_mask(block_mask, mask, target, q.device)
+    mask = _fold_dense_block_mask(block_mask, mask, target, q.device)
+    block_tensors, block_size = _block_mask_args(block_mask, b, hq, lq, lk, q.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding), got "
@@ -204,6 +226,6 @@ def cross_attention(
     )
     out, _lse, weights = ops.attention(
         q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p), float(scale),
-        seed_tensor, bool(return_weights), name,
+        seed_tensor, bool(return_weights), name, block_tensors, block_size,
     )
     return (out, weights) if return_weights else out

@@ -15,10 +15,16 @@ microseconds per call, more than a whole layer takes at the seeds' sizes.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from mmattn import _cpu_attention, reference
+
+if TYPE_CHECKING:
+    from mmattn.block_mask import BlockMask
 
 # Backend name -> implementation. Kernel backends add themselves here as they
 # are built (the reference entry is the fallback and always present). Whether
@@ -31,6 +37,10 @@ ATTENTION_BACKWARD = {
     "reference": reference.attention_backward,
     "cpu": _cpu_attention.attention_backward,
 }
+# Backends whose kernels read a BlockMask's compressed indices (empty blocks are
+# never touched, full blocks need no element mask); the others receive the block
+# mask folded into a dense element mask.
+BLOCK_SPARSE_BACKENDS = frozenset({"cpu"})
 WS_LINEAR_FORWARD = {"reference": reference.ws_linear}
 WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward}
 
@@ -39,27 +49,82 @@ def _seed_value(dropout_seed: Tensor | None) -> int | None:
     return None if dropout_seed is None else int(dropout_seed.item()) & (2**64 - 1)
 
 
+def block_mask_args(block_mask: BlockMask) -> tuple[list[Tensor], list[int]]:
+    """How the attention ops carry an ``mmattn.BlockMask``: its compressed tensors
+    ``[kv_num_blocks, kv_indices, q_num_blocks, q_indices, full, partial_index,
+    partial_masks]`` and ``[bq, bk]`` (field meanings: :class:`mmattn.BlockMask`).
+    The custom ops take the seven tensors as separate optional arguments (a schema
+    has no optional tensor lists)."""
+    tensors = [block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks,
+               block_mask.q_indices, block_mask.full, block_mask.partial_index,
+               block_mask.partial_masks]
+    return tensors, list(block_mask.block_size)
+
+
+_NO_BLOCK_TENSORS = (None,) * 7
+
+
+def _block_list(tensors: tuple[Tensor | None, ...]) -> list[Tensor] | None:
+    return None if tensors[0] is None else list(tensors)
+
+
+def _with_dense_blocks(attn_mask: Tensor | None, q: Tensor, k: Tensor,
+                       block_mask: list[Tensor] | None,
+                       block_size: list[int] | None) -> Tensor | None:
+    """``attn_mask`` AND the block mask, as one element mask broadcast to (B, Hq, Lq, Lk)."""
+    if block_mask is None:
+        return attn_mask
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    _, _, _, _, full, partial_index, partial_masks = block_mask
+    dense = reference.block_mask_to_dense(full, partial_index, partial_masks,
+                                          tuple(block_size), (lq, lk))
+    dense = dense.expand(b, hq, lq, lk)
+    if attn_mask is None:
+        return dense
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & dense
+    return attn_mask.masked_fill(~dense, -math.inf)
+
+
 def _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-                            dropout_seed, return_weights, backend):
+                            dropout_seed, return_weights, backend, *block_tensors_and_size):
     impl = ATTENTION_FORWARD[backend]
-    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-                _seed_value(dropout_seed), return_weights)
+    seed = _seed_value(dropout_seed)
+    block_mask = _block_list(block_tensors_and_size[:7] or _NO_BLOCK_TENSORS)
+    block_size = block_tensors_and_size[7] if block_mask is not None else None
+    if block_mask is not None and backend in BLOCK_SPARSE_BACKENDS:
+        return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, seed,
+                    return_weights, block_mask, block_size)
+    attn_mask = _with_dense_blocks(attn_mask, q, k, block_mask, block_size)
+    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, seed,
+                return_weights)
 
 
 @torch.library.custom_op("mmattn::attention_forward", mutates_args=())
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
-    return_weights: bool, backend: str,
+    return_weights: bool, backend: str, kv_num_blocks: Tensor | None = None,
+    kv_indices: Tensor | None = None, q_num_blocks: Tensor | None = None,
+    q_indices: Tensor | None = None, full_blocks: Tensor | None = None,
+    partial_index: Tensor | None = None, partial_masks: Tensor | None = None,
+    block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused attention forward; returns ``(out, lse, weights)`` (see reference)."""
+    """Fused attention forward; returns ``(out, lse, weights)`` (see reference).
+
+    The block-mask arguments are a BlockMask laid out by :func:`block_mask_args` (all
+    given or all None), combined with the other masks by AND.
+    """
     return _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
-                                   scale, dropout_seed, return_weights, backend)
+                                   scale, dropout_seed, return_weights, backend, kv_num_blocks,
+                                   kv_indices, q_num_blocks, q_indices, full_blocks,
+                                   partial_index, partial_masks, block_size)
 
 
 @attention_forward.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-      return_weights, backend):
+      return_weights, backend, *block_tensors_and_size):
     b, hq, lq, _ = q.shape
     out = q.new_empty(b, hq, lq, v.shape[-1])
     lse = q.new_empty(b, hq, lq, dtype=torch.float32)
@@ -72,7 +137,11 @@ def attention_backward(
     grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
     out: Tensor, lse: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
-    mask_needs_grad: bool, backend: str,
+    mask_needs_grad: bool, backend: str, kv_num_blocks: Tensor | None = None,
+    kv_indices: Tensor | None = None, q_num_blocks: Tensor | None = None,
+    q_indices: Tensor | None = None, full_blocks: Tensor | None = None,
+    partial_index: Tensor | None = None, partial_masks: Tensor | None = None,
+    block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused attention backward; returns ``(dq, dk, dv, d_attn_mask)``.
 
@@ -82,25 +151,34 @@ def attention_backward(
     """
     return _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
                                     key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-                                    mask_needs_grad, backend)
+                                    mask_needs_grad, backend, kv_num_blocks, kv_indices,
+                                    q_num_blocks, q_indices, full_blocks, partial_index,
+                                    partial_masks, block_size)
 
 
 def _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
                              key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-                             mask_needs_grad, backend):
+                             mask_needs_grad, backend, *block_tensors_and_size):
     if grad_weights is not None or mask_needs_grad:
         backend = "reference"
     impl = ATTENTION_BACKWARD[backend]
+    seed = _seed_value(dropout_seed)
+    block_mask = _block_list(block_tensors_and_size[:7] or _NO_BLOCK_TENSORS)
+    block_size = block_tensors_and_size[7] if block_mask is not None else None
+    if block_mask is not None and backend in BLOCK_SPARSE_BACKENDS:
+        return impl(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
+                    dropout_p, scale, seed, block_mask, block_size)
+    attn_mask = _with_dense_blocks(attn_mask, q, k, block_mask, block_size)
     if backend == "reference":
         return impl(grad_out, grad_weights, q, k, v, attn_mask, key_padding_mask, is_causal,
-                    dropout_p, scale, _seed_value(dropout_seed), mask_needs_grad)
+                    dropout_p, scale, seed, mask_needs_grad)
     return impl(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
-                dropout_p, scale, _seed_value(dropout_seed))
+                dropout_p, scale, seed)
 
 
 @attention_backward.register_fake
 def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
-      dropout_p, scale, dropout_seed, mask_needs_grad, backend):
+      dropout_p, scale, dropout_seed, mask_needs_grad, backend, *block_tensors_and_size):
     b, hq, lq, _ = q.shape
     d_mask = q.new_empty(b, hq, lq, k.shape[2]) if mask_needs_grad else q.new_empty(0)
     if mask_needs_grad and attn_mask is not None:
@@ -110,10 +188,14 @@ def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is
 
 def _attention_setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-     _return_weights, backend) = inputs
+     _return_weights, backend, *block_tensors_and_size) = inputs
     out, lse, _weights = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed)
+    block_tensors = tuple(block_tensors_and_size[:7]) or _NO_BLOCK_TENSORS
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
+                          *block_tensors)
     ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend = is_causal, dropout_p, scale, backend
+    ctx.block_size = block_tensors_and_size[7] if len(block_tensors_and_size) > 7 else None
+    ctx.num_inputs = len(inputs)
     ctx.mask_needs_grad = (
         attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     )
@@ -121,15 +203,17 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_grads(run_backward, ctx, grad_out, grad_weights):
     """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``."""
-    q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed = ctx.saved_tensors
+    (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
+     *block_tensors) = ctx.saved_tensors
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
     dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
         ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
+        *block_tensors, ctx.block_size,
     )
-    return (dq, dk, dv, d_mask if ctx.mask_needs_grad else None,
-            None, None, None, None, None, None, None)
+    grads = (dq, dk, dv, d_mask if ctx.mask_needs_grad else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
@@ -165,11 +249,15 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 def attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
-    return_weights: bool, backend: str,
+    return_weights: bool, backend: str, block_mask: list[Tensor] | None = None,
+    block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Entry point of the attention forward: custom op when tracing, thin path in eager."""
+    """Entry point of the attention forward: custom op when tracing, thin path in eager.
+
+    ``block_mask``/``block_size``: a BlockMask as :func:`block_mask_args` lays it out.
+    """
     args = (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-            return_weights, backend)
+            return_weights, backend, *(block_mask or _NO_BLOCK_TENSORS), block_size)
     if torch.compiler.is_compiling():
         return torch.ops.mmattn.attention_forward.default(*args)
     if _needs_grad(q, k, v, attn_mask):

@@ -16,7 +16,7 @@ import torch
 from tolerance import assert_within_rule
 
 import mmattn
-from mmattn import _cpu_attention, _extension, dispatch
+from mmattn import BlockMask, _cpu_attention, _extension, dispatch
 from mmattn.attention import cross_attention
 
 pytestmark = pytest.mark.skipif(
@@ -353,3 +353,120 @@ def test_torch_compile_inductor_with_grads():
     f(q, k, v).sum().backward()
     for g, t in zip(grads, (q, k, v), strict=True):
         torch.testing.assert_close(g, t.grad)
+
+
+# ---------------------------------------------------------------- block-sparse masks
+
+
+def _block_structured_mask(bm, hm, lq, lk, bq, bk, seed):
+    """Dense bool mask whose blocks are, at random, empty, full or partial."""
+    g = torch.Generator().manual_seed(seed)
+    nbq, nbk = -(-lq // bq), -(-lk // bk)
+    kind = torch.randint(0, 3, (bm, hm, nbq, nbk), generator=g)  # 0 empty, 1 partial, 2 full
+    kind = kind.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[..., :lq, :lk]
+    elements = torch.rand(bm, hm, lq, lk, generator=g) < 0.5
+    return (kind == 2) | ((kind == 1) & elements)
+
+
+def _check_block_mask(q, k, v, block_mask, grads=True, **kwargs):
+    """cpu with the BlockMask (kernel reads its indices) against the reference given the
+    equivalent dense mask, under the tolerance rule."""
+    b, hq, lq, _ = q.shape
+    dense = block_mask.to_dense()
+    grad_out = torch.randn(b, hq, lq, v.shape[-1]) if grads else None
+    ours = _run(q, k, v, "cpu", torch.float32, grad_out, block_mask=block_mask, **kwargs)
+    ref = _run(q, k, v, "reference", torch.float32, grad_out, attn_mask=dense, **kwargs)
+    oracle = _run(q, k, v, "reference", torch.float64, grad_out, attn_mask=dense, **kwargs)
+    assert_within_rule(ours[0], ref[0], oracle[0], name="out")
+    if kwargs.get("return_weights"):
+        assert_within_rule(ours[1], ref[1], oracle[1], name="weights")
+    if grads:
+        for name, *g in zip(("dq", "dk", "dv"), ours[2], ref[2], oracle[2], strict=True):
+            assert_within_rule(*g, name=name)
+    return ours, ref
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, bq, bk, Bm, Hm)
+BLOCK_CASES = [
+    pytest.param((2, 4, 2, 200, 330, 32, 32, 64, 64, 1, 1), id="b64-gqa"),
+    pytest.param((1, 2, 2, 150, 250, 16, 24, 128, 32, 1, 2), id="bq128-bk32-per-head"),
+    pytest.param((2, 2, 1, 97, 700, 32, 32, 32, 300, 2, 1), id="bq32-bk300-per-batch"),
+    pytest.param((2, 3, 3, 130, 130, 64, 64, 48, 80, 2, 3), id="odd-blocks-per-batch-head"),
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_mask_equals_dense_mask(case):
+    b, hq, hkv, lq, lk, d, dv, bq, bk, bm, hm = case
+    q, k, v = _qkv((b, hq, hkv, lq, lk, d, dv))
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(bm, hm, lq, lk, bq, bk, 7),
+                                           (bq, bk))
+    assert block_mask.num_partial_blocks > 0 and 0 < block_mask.density < 1
+    _check_block_mask(q, k, v, block_mask, return_weights=True)
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES[:2])
+def test_block_mask_with_other_masks_and_dropout(case):
+    b, hq, hkv, lq, lk, d, dv, bq, bk, bm, hm = case
+    q, k, v = _qkv((b, hq, hkv, lq, lk, d, dv))
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(bm, hm, lq, lk, bq, bk, 3),
+                                           (bq, bk))
+    ours, ref = _check_block_mask(
+        q, k, v, block_mask, is_causal=True, key_padding_mask=torch.rand(b, lk) < 0.2,
+        dropout_p=0.3, dropout_seed=77, return_weights=True)
+    assert torch.equal(ours[1] == 0, ref[1] == 0)
+
+
+@pytest.mark.parametrize("name", ["causal", "local_window", "bigbird"])
+def test_block_mask_constructors(name):
+    q, k, v = _qkv((1, 2, 2, 300, 300, 32, 32))
+    block_mask = {
+        "causal": lambda: BlockMask.causal(300, 64),
+        "local_window": lambda: BlockMask.local_window(300, 64, 70),
+        "bigbird": lambda: BlockMask.bigbird(300, 64, seed=1),
+    }[name]()
+    _check_block_mask(q, k, v, block_mask)
+
+
+def test_block_mask_never_touches_empty_blocks():
+    """Keys in blocks that every query block skips are NaN: a kernel that read them (even
+    to multiply by 0) would return NaN."""
+    lq, lk, bq, bk = 128, 256, 64, 64
+    layout = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    block_mask = BlockMask.from_layout(layout, (lq, lk), (bq, bk))
+    q, k, v = _qkv((1, 2, 2, lq, lk, 32, 32))
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 64:128] = math.nan
+    v_nan[:, :, 64:128] = math.nan
+    grad_out = torch.randn(1, 2, lq, 32)
+    out, _, (dq, dk, dv) = _run(q, k_nan, v_nan, "cpu", torch.float32, grad_out,
+                                block_mask=block_mask)
+    ref_out, _, (rq, rk, rv) = _run(q, k, v, "reference", torch.float64, grad_out,
+                                    attn_mask=block_mask.to_dense())
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq.double(), rq, rtol=1e-4, atol=1e-5)
+    assert not dk[:, :, 64:128].any() and not dv[:, :, 64:128].any()
+    torch.testing.assert_close(dk.double(), rk, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dv.double(), rv, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_attention_forward_with_block_mask():
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, 40, 50, 8, 8)))
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 1, 40, 50, 16, 16, 1),
+                                           16)
+    tensors, size = mmattn.ops.block_mask_args(block_mask)
+    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, "cpu", *tensors, size)
+    torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
+    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, "reference", *tensors, size)
+    torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
+
+
+def test_torch_compile_with_block_mask():
+    q, k, v = _qkv((1, 2, 2, 64, 96, 16, 16))
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 1, 64, 96, 32, 32, 2), 32)
+
+    def f(q, k, v):
+        return cross_attention(q, k, v, block_mask=block_mask, backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
