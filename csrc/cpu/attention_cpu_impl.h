@@ -27,24 +27,31 @@ constexpr int kMaxGroups = static_cast<int>(kQueryTile) / W;  // vectors per que
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------
-// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb).
-// A is read as broadcast scalars: A(m, k) = a[m * sa + k] when A_COL is false
-// (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and C rows are
-// vectors; the last vector of a strip is masked, so N needs no padding.
+// GEMM with register-blocked micro-kernels and fused epilogues.
 // ---------------------------------------------------------------------------
 
-// Epilogue of a score tile (ACC == false only): C = scale * (A . B), and when
-// lane_max is given, lane_max[n] = max(lane_max[n], max_m C[m, n]). This
-// folds the scaling pass and the row-max pass of the softmax into the GEMM.
-struct ScoreEpilogue {
-  float scale;
-  float* lane_max;
+// What the GEMM does to C before storing it (ACC == false only). Folding the
+// elementwise steps of attention into the GEMM saves a load/store pass over
+// each score tile:
+//   kScores:  C = scale * (A.B); lane_max[n] = max(lane_max[n], max_m C[m, n])
+//             (lane_max may be null);
+//   kProbs:   C = exp(scale * (A.B) - lane[n])        (lane = lse: backward P);
+//   kDScores: C = scale * P[m, n] * ((A.B) [* Z[m, n]] - lane[n])
+//             (lane = delta = rowsum(dO * O), P and Z laid out like C: backward dS).
+enum Epi : int { kNone = 0, kScores, kProbs, kDScores };
+struct Epilogue {
+  float scale = 1.0f;
+  float* lane_max = nullptr;
+  const float* lane = nullptr;
+  const float* p = nullptr;
+  const float* z = nullptr;
 };
 
-template <int MR, int NV, bool ACC, bool A_COL, bool SCORES>
+template <int MR, int NV, bool ACC, bool A_COL, int EPI>
 inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
                          const float* __restrict b, int64_t ldb, float* __restrict c,
-                         int64_t ldc, int tail_lanes, ScoreEpilogue epi) {
+                         int64_t ldc, int tail_lanes, const Epilogue& epi) {
+  static_assert(!(ACC && EPI != kNone), "epilogues overwrite C");
   const typename Vec::Tail tail = Vec::tail(tail_lanes);
   R acc[MR][NV];
 #pragma GCC unroll 8
@@ -73,8 +80,8 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
     }
     b += ldb;
   }
-  if constexpr (SCORES) {
-    const R scale = Vec::set1(epi.scale);
+  const R scale = Vec::set1(epi.scale);
+  if constexpr (EPI == kScores) {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
@@ -94,6 +101,25 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
         }
       }
     }
+  } else if constexpr (EPI == kProbs) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const R lse = Vec::load(epi.lane + v * W);  // lane buffers are padded to whole vectors
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r][v] = Vec::exp(Vec::sub(Vec::mul(acc[r][v], scale), lse));
+    }
+  } else if constexpr (EPI == kDScores) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const R delta = Vec::load(epi.lane + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        R d = acc[r][v];
+        if (epi.z != nullptr) d = Vec::mul(d, Vec::load(epi.z + r * ldc + v * W));
+        const R p = Vec::load(epi.p + r * ldc + v * W);
+        acc[r][v] = Vec::mul(Vec::mul(p, Vec::sub(d, delta)), scale);
+      }
+    }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -108,57 +134,74 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
   }
 }
 
-template <int NV, bool ACC, bool A_COL, bool SCORES>
+// Epilogue pointers for the block of C starting at row m0, column n0.
+inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64_t ldc) {
+  Epilogue o = e;
+  if (o.lane_max) o.lane_max += n0;
+  if (o.lane) o.lane += n0;
+  if (o.p) o.p += m0 * ldc + n0;
+  if (o.z) o.z += m0 * ldc + n0;
+  return o;
+}
+
+template <int NV, bool ACC, bool A_COL, int EPI>
 inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
-                       int64_t ldb, float* c, int64_t ldc, int tail, ScoreEpilogue epi) {
+                       int64_t ldb, float* c, int64_t ldc, int tail, const Epilogue& epi,
+                       int64_t n0) {
   constexpr int MR = Vec::kMR;
   const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR) {
-    micro_kernel<MR, NV, ACC, A_COL, SCORES>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc,
-                                             ldc, tail, epi);
+    micro_kernel<MR, NV, ACC, A_COL, EPI>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
+                                          tail, offset_epilogue(epi, m0, n0, ldc));
   }
   const int64_t rest = M - m0;
   const float* ar = a + m0 * row_step;
   float* cr = c + m0 * ldc;
+  const Epilogue e = offset_epilogue(epi, m0, n0, ldc);
   switch (rest) {
     case 0: break;
-    case 1: micro_kernel<1, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
-    case 2: micro_kernel<2, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
-    case 3: micro_kernel<3, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi); break;
+    case 1: micro_kernel<1, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 2: micro_kernel<2, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 3: micro_kernel<3, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
     default:
       if constexpr (MR > 4) {
-        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi);
-        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, SCORES>(K, ar, sa, b, ldb, cr, ldc, tail, epi);
+        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
       }
       break;
   }
 }
 
-template <bool ACC, bool A_COL, bool SCORES = false>
+// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb), then
+// the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
+// A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
+// C rows are vectors; the last vector of a strip is masked, so N needs no padding.
+template <bool ACC, bool A_COL, int EPI = kNone>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
-          int64_t ldb, float* c, int64_t ldc, ScoreEpilogue epi = {1.0f, nullptr}) {
+          int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
   static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
-  static_assert(!(ACC && SCORES), "the score epilogue overwrites C");
   constexpr int64_t strip = Vec::kNV * W;
   if (M <= 0 || N <= 0) return;
   for (int64_t n0 = 0; n0 < N; n0 += strip) {
     const int64_t width = std::min(N - n0, strip);
     const int nv = static_cast<int>((width + W - 1) / W);
     const int tail = static_cast<int>(width - (nv - 1) * W);
-    ScoreEpilogue e = epi;
-    if (e.lane_max != nullptr) e.lane_max += n0;
     switch (nv) {
-      case 1: gemm_strip<1, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e); break;
-      case 2: gemm_strip<2, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e); break;
+      case 1:
+        gemm_strip<1, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        break;
+      case 2:
+        gemm_strip<2, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        break;
       case 3:
         if constexpr (Vec::kNV >= 3) {
-          gemm_strip<3, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e);
+          gemm_strip<3, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         }
         break;
       case 4:
         if constexpr (Vec::kNV >= 4) {
-          gemm_strip<4, ACC, A_COL, SCORES>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, e);
+          gemm_strip<4, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         }
         break;
       default: break;
@@ -182,6 +225,27 @@ struct Tile {
 };
 
 inline int64_t lanes_of(int64_t nq) { return round_up(nq, W); }
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols: W x W blocks
+// through registers (Vec::transpose_store), scalar copies at the edges. Packs
+// Q^T / dO^T and writes O^T back as rows of `out`.
+void transpose_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols, float* dst,
+                    int64_t dst_ld) {
+  const int64_t rows_full = rows / W * W, cols_full = cols / W * W;
+  for (int64_t r0 = 0; r0 < rows_full; r0 += W) {
+    for (int64_t c0 = 0; c0 < cols_full; c0 += W) {
+      R block[W];
+      for (int r = 0; r < W; ++r) block[r] = Vec::load(src + (r0 + r) * src_ld + c0);
+      Vec::transpose_store(block, dst + c0 * dst_ld + r0, dst_ld);
+    }
+    for (int64_t c = cols_full; c < cols; ++c) {
+      for (int64_t r = r0; r < r0 + W; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+    }
+  }
+  for (int64_t r = rows_full; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
+  }
+}
 
 // Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
 inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
@@ -277,12 +341,15 @@ void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const flo
   const float* k_rows = k_head + t.j0 * P.k_sl;
   if (!tile_needs_mask(P, t)) {
     if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
-    gemm<false, false, true>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes,
-                             {P.scale, TRACK_MAX ? lane_max : nullptr});
+    Epilogue epi;
+    epi.scale = P.scale;
+    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
+    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
     return;
   }
-  gemm<false, false, true>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes,
-                           {P.scale, nullptr});
+  Epilogue epi;
+  epi.scale = P.scale;
+  gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
   mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
 }
 
@@ -531,15 +598,11 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     const int64_t lanes = lanes_of(nq);
 
     // Q^T tile, zero lanes beyond nq.
-    const float* qrow = P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl;
     float* qt = s.q_t.get();
-    for (int64_t d = 0; d < P.D; ++d) {
-      for (int64_t i = nq; i < lanes; ++i) qt[d * lanes + i] = 0.0f;
+    if (nq < lanes) {
+      for (int64_t d = 0; d < P.D; ++d) std::fill(qt + d * lanes + nq, qt + (d + 1) * lanes, 0.f);
     }
-    for (int64_t i = 0; i < nq; ++i) {
-      const float* src = qrow + i * P.q_sl;
-      for (int64_t d = 0; d < P.D; ++d) qt[d * lanes + i] = src[d];
-    }
+    transpose_rows(P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl, P.q_sl, nq, P.D, qt, lanes);
     std::fill(s.m, s.m + lanes, kNegInf);
     std::fill(s.l, s.l + lanes, 0.0f);
     std::fill(s.o_t.get(), s.o_t.get() + P.Dv * lanes, 0.0f);
@@ -551,16 +614,23 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
       forward_tile_flash(F, s, b, h, lanes);
     }
 
-    // out = O^T transposed (divided by the softmax sum in flash mode), lse = m + log(l).
+    // out = (O^T / l) transposed; lse = m + log(l), +inf for rows with no visible key.
     const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
-    const float* ot = s.o_t.get();
+    alignas(64) float inv[kQueryTile];
     for (int64_t i = 0; i < nq; ++i) {
       const float l = s.l[i];
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
       F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
-      float* dst = F.out + (row0 + i) * P.Dv;
-      for (int64_t dv = 0; dv < P.Dv; ++dv) dst[dv] = ot[dv * lanes + i] * inv;
     }
+    for (int64_t i = nq; i < lanes; ++i) inv[i] = 0.0f;
+    float* ot = s.o_t.get();
+    for (int64_t dv = 0; dv < P.Dv; ++dv) {
+      for (int64_t g = 0; g < lanes / W; ++g) {
+        float* o = ot + dv * lanes + g * W;
+        Vec::store(o, Vec::mul(Vec::load(o), Vec::load(inv + g * W)));
+      }
+    }
+    transpose_rows(ot, lanes, P.Dv, nq, F.out + row0 * P.Dv, P.Dv);
   }
 }
 
@@ -581,16 +651,13 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
     for (int64_t d = 0; d < P.Dv; ++d) {
       std::fill(dot + d * G.lq_pad + P.Lq, dot + (d + 1) * G.lq_pad, 0.f);
     }
+    transpose_rows(q, P.q_sl, P.Lq, P.D, qt, G.lq_pad);
+    transpose_rows(dout, G.do_sl, P.Lq, P.Dv, dot, G.lq_pad);
     for (int64_t i = 0; i < P.Lq; ++i) {
-      const float* qi = q + i * P.q_sl;
-      for (int64_t d = 0; d < P.D; ++d) qt[d * G.lq_pad + i] = qi[d];
       const float* gi = dout + i * G.do_sl;
       const float* oi = out + i * G.o_sl;
       float delta = 0.0f;
-      for (int64_t d = 0; d < P.Dv; ++d) {
-        dot[d * G.lq_pad + i] = gi[d];
-        delta += gi[d] * oi[d];
-      }
+      for (int64_t d = 0; d < P.Dv; ++d) delta += gi[d] * oi[d];
       G.delta[bh * P.Lq + i] = delta;
     }
   }
@@ -658,48 +725,57 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   const int64_t lanes = lanes_of(t.nq);
   const int groups = static_cast<int>(lanes / W);
 
-  float* st = s.st.get();
-  score_tile<false>(P, b, h, t, kb, G.q_t + bh * P.D * G.lq_pad + t.i0, G.lq_pad, st, nullptr);
-
   for (int64_t i = 0; i < lanes; ++i) {
     const bool valid = i < t.nq;
     s.lse[i] = valid ? G.lse[bh * P.Lq + t.i0 + i] : kPosInf;
     s.delta[i] = valid ? G.delta[bh * P.Lq + t.i0 + i] : 0.0f;
   }
-  // P = exp(x - lse) (0 for rows with no visible key: lse = +inf), and the
-  // dropped-out Pd = P * Z that multiplied V in the forward.
+  // P = exp(scale * S - lse): 0 for rows with no visible key (lse = +inf).
+  float* st = s.st.get();
+  const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
+  if (!tile_needs_mask(P, t)) {
+    Epilogue probs;
+    probs.scale = P.scale;
+    probs.lane = s.lse;
+    gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
+                               lanes, probs);
+  } else {
+    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, st, nullptr);
+    for (int64_t j = 0; j < t.nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        Vec::store(row + g * W,
+                   Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W))));
+      }
+    }
+  }
+  // Dropout: Z regenerated from the seed, Pd = P * Z is what multiplied V.
   float* pd = P.dropout ? s.pd.get() : st;
-  float* z = s.z.get();
-  for (int64_t j = 0; j < t.nk; ++j) {
-    float* row = st + j * lanes;
-    for (int g = 0; g < groups; ++g) {
-      const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W)));
-      Vec::store(row + g * W, p);
-      if (P.dropout) {
+  float* z = P.dropout ? s.z.get() : nullptr;
+  if (P.dropout) {
+    for (int64_t j = 0; j < t.nk; ++j) {
+      for (int g = 0; g < groups; ++g) {
+        const int64_t o = j * lanes + g * W;
         const R zf = dropout_factor(P, b, h, t.i0, g, t.j0 + j);
-        Vec::store(z + j * lanes + g * W, zf);
-        Vec::store(pd + j * lanes + g * W, Vec::mul(p, zf));
+        Vec::store(z + o, zf);
+        Vec::store(pd + o, Vec::mul(Vec::load(st + o), zf));
       }
     }
   }
   const float* dout = G.dout + b * G.do_sb + h * G.do_sh + t.i0 * G.do_sl;
   // dV[j] += sum_i Pd[j][i] dO[i]
   gemm<true, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, dv + t.j0 * P.Dv, P.Dv);
-  // dP^T = V . dO^T
+  // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
+  // (scale applied once here for both dQ and dK).
   float* dp = s.dp.get();
-  gemm<false, false>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
-                     G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes);
-  // dS = P * (dP * Z - delta), times scale once here for both dQ and dK.
-  const R scale = Vec::set1(P.scale);
-  for (int64_t j = 0; j < t.nk; ++j) {
-    for (int g = 0; g < groups; ++g) {
-      const int64_t o = j * lanes + g * W;
-      R d = Vec::load(dp + o);
-      if (P.dropout) d = Vec::mul(d, Vec::load(z + o));
-      d = Vec::mul(Vec::mul(Vec::load(st + o), Vec::sub(d, Vec::load(s.delta + g * W))), scale);
-      Vec::store(dp + o, d);
-    }
-  }
+  Epilogue dscores;
+  dscores.scale = P.scale;
+  dscores.lane = s.delta;
+  dscores.p = st;
+  dscores.z = z;
+  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
+                               G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
+                               dscores);
   // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
   gemm<true, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
                     P.q_sl, dk + t.j0 * P.D, P.D);
