@@ -12,8 +12,8 @@
 //     Q^T (packed once per 64-query tile) is the vector operand;
 //   * the softmax statistics (running max, sum, lse, delta) are vectors over
 //     query lanes: no horizontal reductions anywhere;
-//   * O^T = V^T . P^T accumulates in a (Dv, 64) tile whose lanes are queries,
-//     so the online-softmax rescale is one vector multiply per row.
+//   * O += P . V reads P^T down its columns (broadcasts) and V rows (vectors),
+//     so the output tile is row-major and leaves without a transpose.
 // All five products of the backward have the same form (C += A . B with B rows
 // contiguous), so one register-blocked micro-kernel serves everything.
 
@@ -247,6 +247,20 @@ void transpose_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols
   }
 }
 
+// dst[r * dst_ld + c] = src[r * src_ld + c] * factor[r] for r < rows, c < cols.
+inline void scale_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                       const float* factor, float* dst, int64_t dst_ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const R f = Vec::set1(factor[r]);
+    const float* in = src + r * src_ld;
+    float* out = dst + r * dst_ld;
+    for (int64_t c = 0; c < full; c += W) Vec::store(out + c, Vec::mul(Vec::load(in + c), f));
+    if (tail > 0) Vec::store_n(out + full, Vec::mul(Vec::load_n(in + full, tail), f), tail);
+  }
+}
+
 // Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
 inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
   const int64_t si = mask.si;
@@ -415,7 +429,8 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
 // ---------------------------------------------------------------------------
 
 struct ForwardScratch {
-  Buffer q_t, st, o_t;
+  Buffer q_t, st;
+  Buffer o;  // output accumulator, (query rows, Dv), row stride Dv
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
@@ -463,16 +478,10 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     for (int g = 0; g < groups; ++g) {
       Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
     }
-    float* ot = s.o_t.get();
-    if (rescale) {
-      for (int64_t dv = 0; dv < P.Dv; ++dv) {
-        for (int g = 0; g < groups; ++g) {
-          float* o = ot + dv * lanes + g * W;
-          Vec::store(o, Vec::mul(Vec::load(o), Vec::load(s.alpha + g * W)));
-        }
-      }
-    }
-    gemm<true, true>(P.Dv, lanes, t.nk, vb + t.j0 * P.v_sl, P.v_sl, st, lanes, ot, lanes);
+    // O = alpha * O + P . V: P^T is read as broadcasts down its columns, V rows are
+    // the vectors, and only the tile's nq query rows are computed.
+    if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
+    gemm<true, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.o.get(), P.Dv);
   }
 }
 
@@ -532,7 +541,6 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
   }
   const int64_t ld = P.Lk;
   float* wbase = F.weights + ((b * P.Hq + h) * P.Lq) * P.Lk;
-  float* ot = s.o_t.get();
   for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
     const Tile& t = s.tiles[ti];
     float* st = st_all + s.tile_rows[ti] * lanes;
@@ -569,7 +577,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
         }
       }
     }
-    gemm<true, true>(P.Dv, lanes, t.nk, vb + t.j0 * P.v_sl, P.v_sl, st, lanes, ot, lanes);
+    gemm<true, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.o.get(), P.Dv);
   }
 }
 
@@ -578,7 +586,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   ForwardScratch s;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
   s.q_t = make_buffer(P.D * kQueryTile);
-  s.o_t = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
   s.st = make_buffer(st_rows * kQueryTile);
 
@@ -605,7 +613,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     transpose_rows(P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl, P.q_sl, nq, P.D, qt, lanes);
     std::fill(s.m, s.m + lanes, kNegInf);
     std::fill(s.l, s.l + lanes, 0.0f);
-    std::fill(s.o_t.get(), s.o_t.get() + P.Dv * lanes, 0.0f);
+    std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
 
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, s.tiles);
     if (F.weights) {
@@ -614,7 +622,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
       forward_tile_flash(F, s, b, h, lanes);
     }
 
-    // out = (O^T / l) transposed; lse = m + log(l), +inf for rows with no visible key.
+    // out = O / l; lse = m + log(l), +inf for rows with no visible key.
     const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
     alignas(64) float inv[kQueryTile];
     for (int64_t i = 0; i < nq; ++i) {
@@ -622,15 +630,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
       inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
       F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
     }
-    for (int64_t i = nq; i < lanes; ++i) inv[i] = 0.0f;
-    float* ot = s.o_t.get();
-    for (int64_t dv = 0; dv < P.Dv; ++dv) {
-      for (int64_t g = 0; g < lanes / W; ++g) {
-        float* o = ot + dv * lanes + g * W;
-        Vec::store(o, Vec::mul(Vec::load(o), Vec::load(inv + g * W)));
-      }
-    }
-    transpose_rows(ot, lanes, P.Dv, nq, F.out + row0 * P.Dv, P.Dv);
+    scale_rows(s.o.get(), P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
   }
 }
 
