@@ -155,6 +155,13 @@ def test_zero_lengths(lq, lk):
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
+def test_empty_value_dim():
+    q, k, v = _qkv((1, 2, 1, 5, 6, 8, 0))
+    out, _, grads = _run(q, k, v, "cpu", torch.float32, torch.randn(1, 2, 5, 0))
+    assert out.shape == (1, 2, 5, 0)
+    assert not any(g.any() for g in grads)
+
+
 def test_scale_and_lse():
     q, k, v = _qkv((1, 2, 2, 20, 30, 16, 16))
     out, lse, _ = _cpu_attention.attention_forward(q, k, v, None, None, False, 0.0, 0.37, None,
@@ -290,8 +297,8 @@ def test_dropout_one_drops_everything():
 # ---------------------------------------------------------------- instruction sets
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
-def test_fallback_instruction_sets_agree(isa, monkeypatch):
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_instruction_set_agrees(isa, monkeypatch):
     q, k, v = _qkv((2, 3, 3, 41, 77, 24, 20))
     kwargs = dict(attn_mask=_bool_mask(1, 3, 41, 77), is_causal=True, dropout_p=0.2,
                   dropout_seed=99, return_weights=True)
@@ -303,6 +310,9 @@ def test_fallback_instruction_sets_agree(isa, monkeypatch):
     ours = check_against_reference(q, k, v, **kwargs)
     ref = _run(q, k, v, "reference", torch.float32, None, **kwargs)
     assert torch.equal(ours[1] == 0, ref[1] == 0)
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 3, 41, 77, 16, 32, 5),
+                                           (16, 32))
+    _check_block_mask(q, k, v, block_mask, return_weights=True)
 
 
 # ---------------------------------------------------------------- torch.library integration
@@ -461,12 +471,21 @@ def test_opcheck_attention_forward_with_block_mask():
     torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
 
 
-def test_torch_compile_with_block_mask():
-    q, k, v = _qkv((1, 2, 2, 64, 96, 16, 16))
+def test_torch_compile_with_block_mask_and_grads():
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, 64, 96, 16, 16)))
     block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 1, 64, 96, 32, 32, 2), 32)
 
     def f(q, k, v):
         return cross_attention(q, k, v, block_mask=block_mask, backend="cpu")
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    out = compiled(q, k, v)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected = f(q, k, v)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for g, t in zip(grads, (q, k, v), strict=True):
+        torch.testing.assert_close(g, t.grad)
