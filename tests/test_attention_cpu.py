@@ -438,6 +438,20 @@ def test_block_mask_constructors(name):
     _check_block_mask(q, k, v, block_mask)
 
 
+def test_key_split_backward_with_block_mask():
+    """Few (batch, kv head) pairs for the threads: the backward splits the keys into
+    chunks with separate dq accumulators, summed at the end."""
+    q, k, v = _qkv((1, 3, 1, 90, 300, 16, 16))
+    block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 3, 90, 300, 32, 32, 4),
+                                           32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _check_block_mask(q, k, v, block_mask, is_causal=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_block_mask_never_touches_empty_blocks():
     """Keys in blocks that every query block skips are NaN: a kernel that read them (even
     to multiply by 0) would return NaN."""
