@@ -45,6 +45,16 @@ SPARSE = (4, 8, 2048, 64, 128, 6)  # B, H, L, D, block, layout seed (density 0.1
 MEMORY_L = 16384
 
 
+def paired_ms(anchor, ours, repeats: int, rounds: int = 3) -> tuple[float, float]:
+    """Median times of ``anchor`` and ``ours`` measured alternately ``rounds`` times; the
+    best round of each. On a shared machine a burst of load then hits both, not one."""
+    anchor_ms, ours_ms = [], []
+    for _ in range(rounds):
+        anchor_ms.append(time_ms(anchor, repeats=repeats))
+        ours_ms.append(time_ms(ours, repeats=repeats))
+    return min(anchor_ms), min(ours_ms)
+
+
 def _qkv(b: int, h: int, lq: int, lk: int, d: int, grad: bool = False):
     q, k, v = torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
     return tuple(t.requires_grad_(grad) for t in (q, k, v))
@@ -56,8 +66,8 @@ def dense_cases(table: Table, repeats: int) -> None:
     q, k, v = _qkv(b, h, lq, lk, d)
     torch.testing.assert_close(mmattn.cross_attention(q, k, v),
                                F.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-5)
-    sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats=repeats)
-    ours = time_ms(lambda: mmattn.cross_attention(q, k, v), repeats=repeats)
+    sdpa, ours = paired_ms(lambda: F.scaled_dot_product_attention(q, k, v),
+                           lambda: mmattn.cross_attention(q, k, v), repeats)
     table.add(f"dense fwd {shape}", "F.scaled_dot_product_attention", sdpa, ours, ">= 1.0x")
 
     qg, kg, vg = _qkv(b, h, lq, lk, d, grad=True)
@@ -69,8 +79,7 @@ def dense_cases(table: Table, repeats: int) -> None:
     def ours_fwd_bwd():
         mmattn.cross_attention(qg, kg, vg).backward(grad_out)
 
-    sdpa = time_ms(sdpa_fwd_bwd, repeats=repeats)
-    ours = time_ms(ours_fwd_bwd, repeats=repeats)
+    sdpa, ours = paired_ms(sdpa_fwd_bwd, ours_fwd_bwd, repeats)
     table.add(f"fwd+bwd {shape}", "SDPA fwd+bwd", sdpa, ours, ">= 1.0x")
 
     scale = 1.0 / math.sqrt(d)
@@ -84,9 +93,9 @@ def dense_cases(table: Table, repeats: int) -> None:
     out, w = mmattn.cross_attention(q, k, v, return_weights=True)
     torch.testing.assert_close(w, ref_w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out, ref_out.view(b, h, lq, d), rtol=1e-4, atol=1e-5)
-    anchor = time_ms(mha_math, repeats=repeats)
-    ours = time_ms(lambda: mmattn.cross_attention(q, k, v, return_weights=True),
-                   repeats=repeats)
+    anchor, ours = paired_ms(mha_math,
+                             lambda: mmattn.cross_attention(q, k, v, return_weights=True),
+                             repeats)
     table.add(f"return_weights {shape}", "MHA need_weights math (bmm, softmax, bmm)", anchor,
               ours, ">= 1.5x", "per-head weights")
 
@@ -125,12 +134,12 @@ def sparse_cases(table: Table, repeats: int, with_flex: bool) -> None:
         ours_out, mmattn.cross_attention(q, k, v, attn_mask=dense, backend="reference"),
         rtol=1e-4, atol=1e-5)
 
-    ours_dense = time_ms(lambda: mmattn.cross_attention(q, k, v), repeats=repeats)
-    ours = time_ms(lambda: mmattn.cross_attention(q, k, v, block_mask=block_mask),
-                   repeats=repeats)
-    sdpa_dense = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats=repeats)
-    sdpa_masked = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
-                          repeats=repeats)
+    ours_dense, ours = paired_ms(
+        lambda: mmattn.cross_attention(q, k, v),
+        lambda: mmattn.cross_attention(q, k, v, block_mask=block_mask), repeats)
+    sdpa_dense, sdpa_masked = paired_ms(
+        lambda: F.scaled_dot_product_attention(q, k, v),
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), repeats, rounds=1)
     table.add(f"block-sparse fwd {shape}", "1.2 x density x mmattn dense",
               1.2 * density * ours_dense, ours, "speedup >= 1.0",
               f"mmattn dense {ours_dense:.1f} ms; SDPA dense {sdpa_dense:.1f} ms, "
@@ -140,7 +149,8 @@ def sparse_cases(table: Table, repeats: int, with_flex: bool) -> None:
         empty_rows = ~dense.any(-1)  # Flex returns 0 there too, but check visible rows only
         torch.testing.assert_close(ours_out[..., ~empty_rows[0, 0], :],
                                    flex_out[..., ~empty_rows[0, 0], :], rtol=1e-4, atol=1e-4)
-        flex = time_ms(flex_fn, repeats=repeats)
+        flex, ours = paired_ms(
+            flex_fn, lambda: mmattn.cross_attention(q, k, v, block_mask=block_mask), repeats)
         table.add(f"block-sparse fwd {shape}", "compiled FlexAttention, same layout", flex,
                   ours, ">= 1.3x",
                   f"Flex compile + first call {compile_s:.1f} s; ours {first_call_s:.2f} s")
