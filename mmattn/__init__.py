@@ -6,6 +6,7 @@ Public API:
     ws_linear(x, weight, layout, bias) sparse linear over a compressed layout (mmattn.ws)
     SparseLayout                       compressed weight sparsity pattern (mmattn.layout)
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
+    nn                                 drop-in modules (MultiheadAttention, ...)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _map_kernels_package() -> None:
 
 _map_kernels_package()
 
-from mmattn import _extension  # noqa: E402, F401  (loads mmattn._C, warns once if absent)
+from mmattn import _extension, nn  # noqa: E402, F401  (_extension loads mmattn._C, warns once)
 from mmattn.attention import cross_attention  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
 from mmattn.layout import SparseLayout  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "SparseLayout",
     "__version__",
     "cross_attention",
+    "nn",
     "use_backend",
     "ws_linear",
 ]

@@ -1,0 +1,8 @@
+"""Drop-in ``nn.Module``s: they hold parameters and call mmattn's functional ops."""
+
+from mmattn.nn.attention import CrossModalAttention, MultiheadAttention
+
+__all__ = [
+    "CrossModalAttention",
+    "MultiheadAttention",
+]
