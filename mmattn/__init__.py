@@ -7,6 +7,7 @@ Public API:
     SparseLayout                       compressed weight sparsity pattern (mmattn.layout)
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
     nn                                 drop-in modules (MultiheadAttention, ...)
+    convert(model), revert(model)      swap a model's attention modules for mmattn's and back
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _map_kernels_package()
 
 from mmattn import _extension, nn  # noqa: E402, F401  (_extension loads mmattn._C, warns once)
 from mmattn.attention import cross_attention  # noqa: E402
+from mmattn.convert import convert, revert  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
 from mmattn.layout import SparseLayout  # noqa: E402
 from mmattn.ws import ws_linear  # noqa: E402
@@ -54,8 +56,10 @@ __all__ = [
     "BackendUnavailableError",
     "SparseLayout",
     "__version__",
+    "convert",
     "cross_attention",
     "nn",
+    "revert",
     "use_backend",
     "ws_linear",
 ]

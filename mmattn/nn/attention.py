@@ -35,6 +35,19 @@ def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)
 
 
+def _compile_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous q, k, v while ``torch.compile`` traces, strided views in eager mode.
+
+    Workaround: the fake (tracing) kernel of ``mmattn::attention_backward`` promises
+    gradients laid out like ``torch.empty_like(q)``, while the kernels return
+    contiguous ones; with strided inputs the traced backward then ``view``s a
+    gradient whose real strides do not allow it. Remove once the two agree.
+    """
+    if torch.compiler.is_compiling():
+        return q.contiguous(), k.contiguous(), v.contiguous()
+    return q, k, v
+
+
 def _append_key(x: Tensor, extra: Tensor, batch_first: bool) -> Tensor:
     """Append one key position ``extra`` (broadcast to ``(B, 1, E)``) to ``x``."""
     if batch_first:
@@ -202,9 +215,11 @@ class MultiheadAttention(nn.MultiheadAttention):
                 k, v, attn_mask, key_padding_mask, batch_first)
 
         dropout_p = self.dropout if self.training else 0.0
+        q, k, v = _compile_safe(_heads(q, num_heads, batch_first),
+                                _heads(k, num_heads, batch_first),
+                                _heads(v, num_heads, batch_first))
         result = cross_attention(
-            _heads(q, num_heads, batch_first), _heads(k, num_heads, batch_first),
-            _heads(v, num_heads, batch_first), attn_mask=attn_mask,
+            q, k, v, attn_mask=attn_mask,
             key_padding_mask=key_padding_mask, block_mask=block_mask, is_causal=use_causal,
             dropout_p=dropout_p, return_weights=need_weights,
         )
@@ -344,6 +359,7 @@ class CrossModalAttention(nn.Module):
         q = self.q_proj(query).unflatten(-1, (heads, -1)).transpose(1, 2)
         k = self.k_proj(key).unflatten(-1, (heads, -1)).transpose(1, 2)
         v = self.v_proj(value).unflatten(-1, (heads, -1)).transpose(1, 2)
+        q, k, v = _compile_safe(q, k, v)
         dropout_p = self.dropout.p if self.training else 0.0
         result = cross_attention(q, k, v, attn_mask=attn_mask, block_mask=block_mask,
                                  dropout_p=dropout_p, scale=1.0 / self.scale,
