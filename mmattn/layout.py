@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmattn.watts_strogatz import watts_strogatz_coo
+
 
 def _csr_from_coo(rows: Tensor, cols: Tensor, num_rows: int) -> Tensor:
     counts = torch.bincount(rows, minlength=num_rows)
@@ -96,6 +98,29 @@ class SparseLayout:
 
         return cls((out_features, in_features), block_size, i32(crow), i32(cols), i32(rows),
                    i32(ccol), i32(rows[perm]), i32(perm))
+
+    @classmethod
+    def from_watts_strogatz(cls, out_features: int, in_features: int, k: int, beta: float,
+                            seed: int | None = None, block_size: int = 1) -> SparseLayout:
+        """Layout of a Watts-Strogatz small-world mask (see :func:`mmattn.watts_strogatz_mask`).
+
+        With ``block_size == 1`` the kept entries are exactly
+        ``watts_strogatz_mask(out_features, in_features, k, beta, seed)``. With
+        ``block_size > 1`` the graph is built over blocks instead — ``ceil(out/bs)`` block
+        rows by ``ceil(in/bs)`` block columns, square (networkx's graph) when those counts
+        are equal — and every kept block is dense (edge blocks clipped to the shape).
+        ``k`` counts blocks then and must be ``<=`` the number of block columns.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        for name, size in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"{name} must be an int, got {type(size).__name__}")
+            if size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}")
+        rows, cols = watts_strogatz_coo(-(-out_features // block_size),
+                                        -(-in_features // block_size), k, beta, seed)
+        return cls.from_coo(rows, cols, (out_features, in_features), block_size)
 
     @property
     def out_features(self) -> int:
