@@ -205,6 +205,38 @@ def _seed_cross_modal_to_mmattn(old: nn.Module) -> nn.Module:
     return _adopt(new, old, _CROSS_MODAL_CHILDREN)
 
 
+# ---- seed 004 SparseAttention <-> mmattn.nn.BlockSparseAttention -------------------------
+
+def _why_not_seed_sparse(module: nn.Module) -> str | None:
+    """None when ``module`` has seed 004's SparseAttention structure, else why not."""
+    if type(module).__module__.startswith("mmattn."):
+        return "already mmattn"
+    if module._modules or module._parameters or module._buffers:
+        return "has submodules, parameters or buffers"
+    block_size, sparsity = getattr(module, "block_size", None), getattr(
+        module, "sparsity_factor", None)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or \
+            not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+        return "block_size/sparsity_factor differ"
+    if not callable(getattr(module, "create_sparse_mask", None)) or \
+            _forward_arguments(module) != ["Q", "K", "V"]:
+        return "create_sparse_mask()/forward(Q, K, V) differ"
+    return None
+
+
+def _seed_sparse_to_mmattn(old: nn.Module) -> nn.Module:
+    new = mnn.BlockSparseAttention(old.block_size, old.sparsity_factor)
+    setattr(new, _ORIGIN_ATTR, _Origin(type(old), _plain_attributes(old)))
+    return _adopt(new, old, ())
+
+
+def _why_not_revert_sparse(module: nn.Module) -> str | None:
+    reason = _why_not_revert_origin("BlockSparseAttention")(module)
+    if reason is None and module.block_mask is not None:
+        return "skip: has a fixed block_mask, which the original class cannot hold"
+    return reason
+
+
 # ---- seed 002 WSMultiModalFusion -> mmattn.nn.WSMultiModalFusion (when built) -----------
 
 def _why_not_seed_ws_fusion(module: nn.Module) -> str | None:
@@ -271,6 +303,7 @@ def _convert_rules() -> list[_Rule]:
     return [
         _Rule(_why_not_torch_mha, lambda m: _rebuild_mha(m, mnn.MultiheadAttention)),
         _Rule(_why_not_seed_cross_modal, _seed_cross_modal_to_mmattn),
+        _Rule(_why_not_seed_sparse, _seed_sparse_to_mmattn),
         _Rule(_why_not_ws, _seed_ws_fusion_to_mmattn),
     ]
 
@@ -314,6 +347,7 @@ def _revert_rules() -> list[_Rule]:
         _Rule(_why_not_revert_mha, lambda m: _rebuild_mha(m, nn.MultiheadAttention)),
         _Rule(_why_not_revert_origin("CrossModalAttention"),
               lambda m: _rebuild_origin(m, _CROSS_MODAL_CHILDREN)),
+        _Rule(_why_not_revert_sparse, lambda m: _rebuild_origin(m, ())),
         _Rule(_why_not_revert_origin("WSMultiModalFusion"), _revert_ws),
     ]
 

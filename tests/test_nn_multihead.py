@@ -282,21 +282,13 @@ def test_invalid_arguments_raise_clear_errors() -> None:
 
 def test_block_mask_keyword_matches_attn_mask() -> None:
     """block_mask (True = may attend) combines with the other masks by AND."""
-
-    class DenseBlockMask:  # the duck type cross_attention accepts: anything with to_dense()
-        def __init__(self, allowed: torch.Tensor) -> None:
-            self.allowed = allowed
-
-        def to_dense(self) -> torch.Tensor:
-            return self.allowed
-
     ours = MultiheadAttention(E, H, batch_first=True)
     q, kv = torch.randn(N, L, E), torch.randn(N, S, E)
     hidden = _bool_mask(L, S)
     kpm = _bool_mask(N, S)
     ref, ref_w = ours(q, kv, kv, attn_mask=hidden, key_padding_mask=kpm)
-    out, w = ours(q, kv, kv, key_padding_mask=kpm,
-                  block_mask=DenseBlockMask((~hidden).view(1, 1, L, S)))
+    block_mask = mmattn.BlockMask.from_dense_mask(~hidden, block_size=2)
+    out, w = ours(q, kv, kv, key_padding_mask=kpm, block_mask=block_mask)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(w, ref_w)
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmattn.attention import cross_attention
+from mmattn.block_mask import BlockMask
 
-__all__ = ["CrossModalAttention", "MultiheadAttention"]
+__all__ = ["BlockSparseAttention", "CrossModalAttention", "MultiheadAttention"]
 
 
 def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
@@ -367,3 +368,81 @@ class CrossModalAttention(nn.Module):
         context, weights = result if want_weights else (result, None)
         context = context.transpose(1, 2).flatten(2)
         return self.out_proj(context), weights
+
+
+class BlockSparseAttention(nn.Module):
+    r"""Seed 004's ``SparseAttention``, computed by :func:`mmattn.cross_attention`.
+
+    Without a fixed mask it behaves as the seed: each call draws a fresh random block
+    layout, ``torch.rand(nbq, nbk) > sparsity_factor`` from torch's global generator (or
+    ``generator``), so after the same ``torch.manual_seed`` it keeps exactly the
+    seed's blocks. With ``block_mask`` (here or per call) the layout is fixed, e.g.
+    ``BlockMask.modality(...)`` or ``BlockMask.local_window(...)``; the kernels skip
+    its empty blocks.
+
+    Args:
+        block_size: block edge for the random layout (the seed's ``block_size``).
+        sparsity_factor: a block is kept iff its uniform draw exceeds this (the seed's).
+        block_mask: a fixed :class:`mmattn.BlockMask` over ``(Lq, Lk)`` used instead of
+            random layouts.
+        generator: the ``torch.Generator`` random layouts draw from; None = global.
+    """
+
+    def __init__(self, block_size: int = 64, sparsity_factor: float = 0.8, *,
+                 block_mask: BlockMask | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(sparsity_factor, (int, float)) or not 0.0 <= sparsity_factor <= 1.0:
+            raise ValueError(f"sparsity_factor must be in [0, 1], got {sparsity_factor!r}")
+        if block_mask is not None and not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be an mmattn.BlockMask or None, got "
+                            f"{type(block_mask).__name__}")
+        self.block_size = block_size
+        self.sparsity_factor = sparsity_factor
+        self.block_mask = block_mask
+        self.generator = generator
+
+    def create_block_mask(self, query_length: int, key_length: int) -> BlockMask:
+        """A fresh random layout over ``(query_length, key_length)`` (the seed's rule;
+        lengths that are not multiples of ``block_size`` get a partial last block)."""
+        return BlockMask.random((query_length, key_length), self.block_size,
+                                self.sparsity_factor, generator=self.generator)
+
+    def create_sparse_mask(self, seq_length: int) -> Tensor:
+        """The seed's method: a dense bool ``(L, L)`` mask (True = may attend)."""
+        return self.create_block_mask(seq_length, seq_length).to_dense()[0, 0]
+
+    def forward(self, Q: Tensor, K: Tensor, V: Tensor, *,  # the seed's argument names
+                block_mask: BlockMask | None = None) -> Tensor:
+        r"""Block-sparse attention of ``Q`` over ``K``/``V``, scale ``1/sqrt(D)``.
+
+        Args:
+            Q: ``(B, Lq, D)`` as the seed, or ``(B, H, Lq, D)``.
+            K: ``(B, Lk, D)`` / ``(B, H, Lk, D)``; V: ``(B, Lk, Dv)`` / ``(B, H, Lk, Dv)``.
+            block_mask: a :class:`mmattn.BlockMask` over ``(Lq, Lk)`` for this call;
+                default the constructor's, else a fresh random one.
+
+        Returns:
+            ``(B, Lq, Dv)`` (or ``(B, H, Lq, Dv)``). Query rows whose blocks are all
+            dropped return 0 (the seed: NaN).
+        """
+        if Q.dim() not in (3, 4) or K.dim() != Q.dim() or V.dim() != Q.dim():
+            raise ValueError(f"Q, K and V must all be 3-D (B, L, D) or all 4-D (B, H, L, D), "
+                             f"got shapes {tuple(Q.shape)}, {tuple(K.shape)}, "
+                             f"{tuple(V.shape)}")
+        mask = block_mask if block_mask is not None else self.block_mask
+        lengths = (Q.shape[-2], K.shape[-2])
+        if mask is None:
+            mask = self.create_block_mask(*lengths)
+        elif not isinstance(mask, BlockMask):
+            raise TypeError(f"block_mask must be an mmattn.BlockMask, got {type(mask).__name__}")
+        elif tuple(mask.seq_lengths) != lengths:
+            raise ValueError(f"block_mask covers (Lq, Lk) = {tuple(mask.seq_lengths)}, the "
+                             f"inputs have {lengths}")
+        heads_added = Q.dim() == 3
+        if heads_added:
+            Q, K, V = Q.unsqueeze(1), K.unsqueeze(1), V.unsqueeze(1)
+        out = cross_attention(Q, K, V, block_mask=mask.to(Q.device))
+        return out.squeeze(1) if heads_added else out
