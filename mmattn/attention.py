@@ -183,7 +183,7 @@ def cross_attention(
         lambda candidate: _unsupported(candidate, q, dropout=dropout_p > 0,
                                        weights=return_weights),
     )
-    out, _lse, weights = ops.attention_forward(
+    out, _lse, weights = ops.attention(
         q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p), float(scale),
         seed_tensor, bool(return_weights), name,
     )

@@ -1,10 +1,16 @@
 """``torch.library`` custom ops of mmattn: one per computation, whatever the backend.
 
 Layering (as flash-attention's interface): public function (validation and
-backend choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> custom op here (fake
-kernel for tracing, registered autograd) -> the backend's kernel. The chosen
-backend travels as a string argument, so ``torch.compile`` sees one opaque op per
-call and ``torch.library.opcheck`` can test each backend.
+backend choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> entry point here
+(:func:`attention`, :func:`ws_linear_apply`) -> the backend's kernel. The chosen
+backend travels as a string argument.
+
+Two routes lead to the same kernels. Under ``torch.compile`` (and for
+``torch.library.opcheck``, export) the custom ops ``mmattn::*`` are called: opaque
+to the tracer, with fake kernels and registered autograd. In eager mode the entry
+points call the kernels through a plain ``torch.autograd.Function``, or directly
+when no gradient is needed, because the custom-op dispatch adds tens of
+microseconds per call, more than a whole layer takes at the seeds' sizes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ def _seed_value(dropout_seed: Tensor | None) -> int | None:
     return None if dropout_seed is None else int(dropout_seed.item()) & (2**64 - 1)
 
 
+def _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                            dropout_seed, return_weights, backend):
+    impl = ATTENTION_FORWARD[backend]
+    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                _seed_value(dropout_seed), return_weights)
+
+
 @torch.library.custom_op("mmattn::attention_forward", mutates_args=())
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
@@ -33,9 +46,8 @@ def attention_forward(
     return_weights: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention forward; returns ``(out, lse, weights)`` (see reference)."""
-    impl = ATTENTION_FORWARD[backend]
-    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-                _seed_value(dropout_seed), return_weights)
+    return _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
+                                   scale, dropout_seed, return_weights, backend)
 
 
 @attention_forward.register_fake
@@ -61,6 +73,14 @@ def attention_backward(
     of recomputing the softmax statistics). A gradient flowing into the returned
     weights, or a float mask that needs a gradient, is handled by the reference.
     """
+    return _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
+                                    key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+                                    mask_needs_grad, backend)
+
+
+def _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
+                             key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+                             mask_needs_grad, backend):
     if grad_weights is not None or mask_needs_grad:
         backend = "reference"
     impl = ATTENTION_BACKWARD[backend]
@@ -92,11 +112,12 @@ def _attention_setup_context(ctx, inputs, output):
     )
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
+def _attention_grads(run_backward, ctx, grad_out, grad_weights):
+    """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``."""
     q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed = ctx.saved_tensors
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
-    dq, dk, dv, d_mask = attention_backward(
+    dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
         ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
     )
@@ -104,9 +125,49 @@ def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
             None, None, None, None, None, None, None)
 
 
+def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
+    return _attention_grads(attention_backward, ctx, grad_out, grad_weights)
+
+
 torch.library.register_autograd(
     "mmattn::attention_forward", _attention_backward, setup_context=_attention_setup_context
 )
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Eager twin of the registered autograd: same setup and backward, no op dispatch."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _attention_forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _attention_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, grad_weights):
+        return _attention_grads(_attention_backward_impl, ctx, grad_out, grad_weights)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
+    return_weights: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Entry point of the attention forward: custom op when tracing, thin path in eager."""
+    args = (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+            return_weights, backend)
+    if torch.compiler.is_compiling():
+        return torch.ops.mmattn.attention_forward.default(*args)
+    if _needs_grad(q, k, v, attn_mask):
+        return _EagerAttention.apply(*args)
+    return _attention_forward_impl(*args)
 
 
 @torch.library.custom_op("mmattn::ws_linear", mutates_args=())
@@ -120,6 +181,12 @@ def ws_linear(
     The transposed index arrays are arguments so kernel backends can run dX as a
     transposed SpMM without building them per call.
     """
+    return _ws_linear_impl(x, values, crow_indices, col_indices, row_indices, ccol_indices,
+                           row_indices_t, transpose_perm, out_features, block_size, bias, backend)
+
+
+def _ws_linear_impl(x, values, crow_indices, col_indices, row_indices, ccol_indices,
+                    row_indices_t, transpose_perm, out_features, block_size, bias, backend):
     impl = WS_LINEAR_FORWARD[backend]
     return impl(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
                 transpose_perm, out_features, block_size, bias)
@@ -138,6 +205,14 @@ def ws_linear_backward(
     out_features: int, block_size: int, has_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dx, d_values, d_bias)``; ``d_values`` only on kept entries."""
+    return _ws_linear_backward_impl(grad_y, x, values, crow_indices, col_indices, row_indices,
+                                    ccol_indices, row_indices_t, transpose_perm, out_features,
+                                    block_size, has_bias, backend)
+
+
+def _ws_linear_backward_impl(grad_y, x, values, crow_indices, col_indices, row_indices,
+                             ccol_indices, row_indices_t, transpose_perm, out_features,
+                             block_size, has_bias, backend):
     impl = WS_LINEAR_BACKWARD[backend]
     return impl(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices,
                 row_indices_t, transpose_perm, out_features, block_size, has_bias)
@@ -160,13 +235,65 @@ def _ws_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _ws_backward(ctx, grad_y):
+def _ws_grads(run_backward, ctx, grad_y):
+    """Gradients of ``ws_linear``'s inputs, computed by ``run_backward``."""
     x, values, crow, col, rows, ccol, rows_t, perm = ctx.saved_tensors
-    dx, d_values, d_bias = ws_linear_backward(
+    dx, d_values, d_bias = run_backward(
         grad_y.contiguous(), x, values, crow, col, rows, ccol, rows_t, perm, ctx.out_features,
         ctx.block_size, ctx.has_bias, ctx.backend)
     return (dx, d_values, None, None, None, None, None, None, None, None,
             d_bias if ctx.has_bias else None, None)
 
 
+def _ws_backward(ctx, grad_y):
+    return _ws_grads(ws_linear_backward, ctx, grad_y)
+
+
 torch.library.register_autograd("mmattn::ws_linear", _ws_backward, setup_context=_ws_setup_context)
+
+
+class _EagerWSLinear(torch.autograd.Function):
+    """Eager twin of the registered autograd of ``mmattn::ws_linear``."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _ws_linear_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ws_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _ws_grads(_ws_linear_backward_impl, ctx, grad_y)
+
+
+def ws_linear_apply(
+    x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
+    ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
+    block_size: int, bias: Tensor | None, backend: str,
+) -> Tensor:
+    """Entry point of ws_linear: custom op when tracing, thin path in eager."""
+    args = (x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+            transpose_perm, out_features, block_size, bias, backend)
+    if torch.compiler.is_compiling():
+        return torch.ops.mmattn.ws_linear.default(*args)
+    if _needs_grad(x, values, bias):
+        return _EagerWSLinear.apply(*args)
+    return _ws_linear_impl(*args)
+
+
+# ---- fake kernels of the C++ operators in mmattn._C (shapes only, for tracing) -----------
+
+def _register_extension_fakes() -> None:
+    from mmattn._extension import extension_loaded
+
+    if not extension_loaded():
+        return
+
+    @torch.library.register_fake("mmattn::philox_uniform")
+    def _(counter0, counter1, seed):
+        return torch.empty_like(counter0, dtype=torch.float32)
+
+
+_register_extension_fakes()

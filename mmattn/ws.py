@@ -63,4 +63,4 @@ def ws_linear(x: Tensor, weight: Tensor, layout: SparseLayout, bias: Tensor | No
     name = dispatch.resolve_backend("ws_linear", x.device, backend,
                                     lambda b: _unsupported(b, x))
     index = layout.to(x.device).index_tensors()
-    return ops.ws_linear(x, weight, *index, layout.out_features, bs, bias, name)
+    return ops.ws_linear_apply(x, weight, *index, layout.out_features, bs, bias, name)

@@ -1,0 +1,24 @@
+# The README's commands. Every target sets up .venv itself (scripts/dev_env.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint wheel-check env clean
+
+env:
+	bash scripts/dev_env.sh
+
+## run: the main job — the conversion demo and the CPU micro-benchmarks
+run: env
+	$(PY) -m mmattn.bench $(ARGS)
+
+## test: the full test suite (Triton under TRITON_INTERPRET=1 when no GPU) and ruff
+test: env
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## wheel-check: abi3 wheel with sm_80/sm_90 code, installed into a fresh venv
+wheel-check: env
+	bash scripts/check_wheel.sh
+
+clean:
+	rm -rf build dist .wheelcheck *.egg-info mmattn/_C*.so mmattn/_build_info.py

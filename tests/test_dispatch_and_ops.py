@@ -1,0 +1,251 @@
+"""Backend choice, input validation, custom-op registration, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmattn
+from mmattn import dispatch
+from mmattn._extension import extension_loaded, has_kernel
+from mmattn.layout import SparseLayout
+
+
+def _qkv(dtype=torch.float32, requires_grad=False):
+    q = torch.randn(2, 4, 5, 8, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 6, 8, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(2, 2, 6, 3, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+# ---- backend choice ------------------------------------------------------------------------
+
+def test_forced_backend_that_cannot_run_names_the_reason():
+    q, k, v = _qkv(torch.float64)
+    with pytest.raises(mmattn.BackendUnavailableError, match="cuda"):
+        mmattn.cross_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mmattn.cross_attention(q, k, v, backend="tpu")
+
+
+def test_context_manager_forces_and_argument_wins():
+    q, k, v = _qkv(torch.float64)
+    with mmattn.use_backend("cuda"):
+        assert dispatch.forced_backend() == "cuda"
+        with pytest.raises(mmattn.BackendUnavailableError):
+            mmattn.cross_attention(q, k, v)
+        out = mmattn.cross_attention(q, k, v, backend="reference")
+        with mmattn.use_backend(None):
+            assert dispatch.forced_backend() is None
+            mmattn.cross_attention(q, k, v)
+    assert dispatch.forced_backend() is None
+    assert out.shape == (2, 4, 5, 3)
+    with pytest.raises(ValueError, match="use_backend"):
+        with mmattn.use_backend("gpu"):
+            pass
+
+
+def test_auto_choice_never_raises_and_resolves_for_cpu():
+    chosen = dispatch.resolve_backend("x", torch.device("cpu"), None, lambda b: None)
+    assert chosen == "cpu"
+    only_ref = dispatch.resolve_backend(
+        "x", torch.device("cpu"), None, lambda b: None if b == "reference" else "no")
+    assert only_ref == "reference"
+    cuda_order = []
+    dispatch.resolve_backend("x", torch.device("cuda"), None,
+                             lambda b: cuda_order.append(b) or "no")
+    assert cuda_order == ["cuda", "triton", "reference"]
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_environment_variable_forces_a_backend():
+    code = ("import torch, mmattn\n"
+            "from mmattn import dispatch\n"
+            "print(dispatch.forced_backend())\n"
+            "q = torch.randn(1, 1, 2, 4)\n"
+            "try:\n"
+            "    mmattn.cross_attention(q, q, q)\n"
+            "except mmattn.BackendUnavailableError as e:\n"
+            "    print('raised', e)\n")
+    result = _run(code, MMATTN_BACKEND="cuda")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("cuda") and "raised" in result.stdout
+    bad = _run("import mmattn", MMATTN_BACKEND="nope")
+    assert bad.returncode != 0 and "MMATTN_BACKEND must be one of" in bad.stderr
+
+
+def test_missing_extension_warns_once_and_falls_back(tmp_path):
+    # Shadow the compiled module with one that fails to import.
+    pkg = tmp_path / "shadow"
+    pkg.mkdir()
+    code = ("import sys, warnings, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'mmattn._C':\n"
+            "            raise ImportError('simulated missing extension')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import torch, mmattn\n"
+            "    q = torch.randn(1, 1, 3, 4)\n"
+            "    mmattn.cross_attention(q, q, q); mmattn.cross_attention(q, q, q)\n"
+            "msgs = [str(w.message) for w in caught if 'mmattn._C' in str(w.message)]\n"
+            "print(len(msgs)); print(msgs[0])\n")
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    count, message = result.stdout.splitlines()[:2]
+    assert count == "1" and "simulated missing extension" in message
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"attn_mask": torch.ones(3, 3, dtype=torch.bool)}, ValueError, "does not broadcast"),
+    ({"attn_mask": torch.ones(5, 6, dtype=torch.int32)}, TypeError, "bool"),
+    ({"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}, ValueError, "key_padding_mask"),
+    ({"key_padding_mask": torch.zeros(2, 6)}, TypeError, "key_padding_mask"),
+    ({"dropout_p": 1.5}, ValueError, "dropout_p"),
+    ({"dropout_p": 0.1, "dropout_seed": -3}, ValueError, "dropout_seed"),
+    ({"scale": float("nan")}, ValueError, "scale"),
+    ({"block_mask": object()}, TypeError, "block_mask"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=match):
+        mmattn.cross_attention(q, k, v, **kwargs)
+
+
+def test_bad_tensors_raise_clear_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="4-D"):
+        mmattn.cross_attention(q[0], k, v)
+    with pytest.raises(TypeError, match="one dtype"):
+        mmattn.cross_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="float32"):
+        mmattn.cross_attention(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        mmattn.cross_attention(torch.randn(2, 3, 5, 8), k, v)
+    with pytest.raises(ValueError, match="same length"):
+        mmattn.cross_attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="head_dim"):
+        mmattn.cross_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="batch"):
+        mmattn.cross_attention(q[:1], k, v)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        mmattn.cross_attention([1.0], k, v)
+
+
+def test_block_mask_accepts_objects_with_to_dense():
+    q, k, v = _qkv(torch.float64)
+
+    class Dense:
+        def __init__(self, mask):
+            self.mask = mask
+
+        def to_dense(self):
+            return self.mask
+
+    mask = torch.rand(5, 6) > 0.4
+    ours = mmattn.cross_attention(q, k, v, block_mask=Dense(mask))
+    torch.testing.assert_close(ours, mmattn.cross_attention(q, k, v, attn_mask=mask))
+    float_mask = torch.randn(5, 6, dtype=torch.float64)
+    combined = mmattn.cross_attention(q, k, v, attn_mask=float_mask, block_mask=Dense(mask))
+    expected = mmattn.cross_attention(
+        q, k, v, attn_mask=float_mask.masked_fill(~mask, float("-inf")))
+    torch.testing.assert_close(combined, expected)
+
+
+# ---- registration, opcheck, compile ------------------------------------------------------
+
+def test_extension_registers_cpu_and_cuda_kernels():
+    assert extension_loaded()
+    assert has_kernel("philox_uniform", "CPU")
+    from mmattn import _build_info
+
+    if _build_info.CUDA_COMPILED:
+        assert has_kernel("philox_uniform", "CUDA")
+        assert {"sm_80", "sm_90"} <= set(_build_info.CUDA_ARCHS)
+
+
+def test_kernels_package_is_importable_as_mmattn_kernels():
+    import mmattn.kernels
+
+    assert mmattn.kernels.__name__ == "mmattn.kernels"
+    assert os.path.basename(os.path.dirname(mmattn.kernels.__file__)) == "kernels"
+
+
+def test_info_reports_backends():
+    result = subprocess.run([sys.executable, "-m", "mmattn.info"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "cpu        built, usable" in text
+    assert "triton     interpreter available" in text
+    from mmattn import _build_info
+
+    if _build_info.CUDA_COMPILED and not torch.cuda.is_available():
+        assert "not runnable here: no CUDA GPU visible" in text
+        assert "sm_80" in text and "sm_90" in text
+
+
+def test_opcheck_attention_ops():
+    q, k, v = _qkv(requires_grad=True)
+    mask = torch.rand(2, 4, 5, 6) > 0.3
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    seed = torch.tensor(3, dtype=torch.int64)
+    args = (q, k, v, mask, kpm, False, 0.2, 0.35, seed, True, "reference")
+    torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
+    out, lse, _ = torch.ops.mmattn.attention_forward(*args)
+    grad = torch.randn_like(out)
+    bwd_args = (grad, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                mask, kpm, False, 0.2, 0.35, seed, False, "reference")
+    torch.library.opcheck(torch.ops.mmattn.attention_backward.default, bwd_args)
+
+
+def test_opcheck_ws_linear_and_philox():
+    mask = torch.rand(6, 9) > 0.6
+    layout = SparseLayout.from_mask(mask)
+    x = torch.randn(4, 9, requires_grad=True)
+    values = torch.randn(layout.nnz, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmattn.ws_linear.default,
+                          (x, values, *layout.index_tensors(), 6, 1, bias, "reference"))
+    c0 = torch.arange(10, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.mmattn.philox_uniform.default, (c0, c0, 5))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = _qkv()
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[0, -2:] = True
+
+    def layer(q, k, v):
+        out = mmattn.cross_attention(q * 2, k, v, key_padding_mask=kpm, is_causal=True)
+        return out.relu().sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+    compiled(q2, k2, v2).sum().backward()
+    q3, k3, v3 = (t.clone().requires_grad_() for t in (q, k, v))
+    layer(q3, k3, v3).sum().backward()
+    for a, b in ((q2, q3), (k2, k3), (v2, v3)):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_compile_inductor_with_dropout():
+    q, k, v = _qkv()
+
+    def layer(q, k, v):
+        return mmattn.cross_attention(q, k, v, dropout_p=0.25, dropout_seed=9).sum()
+
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))

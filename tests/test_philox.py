@@ -1,0 +1,103 @@
+"""The three copies of the Philox dropout definition agree bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmattn
+from mmattn import dispatch
+from mmattn._extension import has_kernel
+from mmattn.philox import dropout_counters, dropout_keep_mask, philox_bits, philox_uniform
+
+SEEDS = [0, 1, 42, 2**31 - 1, 2**31, 2**32 + 5, 2**40 + 7, 2**63 - 1]
+needs_ext = pytest.mark.skipif(not has_kernel("philox_uniform", "CPU"),
+                               reason="mmattn._C not built")
+needs_triton = pytest.mark.skipif(dispatch.triton_reason(torch.device("cpu")) is not None,
+                                  reason="Triton interpreter unavailable")
+
+
+def _counters(n: int = 4099) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    c0 = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, generator=gen)
+    c1 = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, generator=gen)
+    c0[:4] = torch.tensor([0, 1, -1, 2**31 - 1], dtype=torch.int32)
+    return c0, c1
+
+
+def test_known_answer_philox4x32_10():
+    # Random123's published known-answer vector for philox4x32-10 with counter 0 and
+    # key 0 starts 0x6627e8d5; our first word must equal it.
+    bits = philox_bits(0, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    assert int(bits[0]) == 0x6627E8D5
+
+
+def test_uniform_range_and_moments():
+    c0, c1 = _counters(200_000)
+    u = philox_uniform(123, c0, c1)
+    assert u.dtype == torch.float32
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+    assert abs(u.mean().item() - 0.5) < 5e-3
+    assert abs(u.var().item() - 1 / 12) < 2e-3
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cpp_kernel_matches_torch(seed):
+    c0, c1 = _counters()
+    expected = philox_uniform(seed, c0, c1)
+    got = torch.ops.mmattn.philox_uniform(c0, c1, seed)
+    assert torch.equal(got, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [0, 42, 2**32 + 5, 2**63 - 1])
+def test_triton_matches_torch(seed):
+    from mmattn.kernels.philox import philox_uniform_launch
+
+    c0, c1 = _counters(1000)
+    assert torch.equal(philox_uniform_launch(seed, c0, c1), philox_uniform(seed, c0, c1))
+
+
+@needs_triton
+def test_definition_equals_tl_rand_when_counter1_is_zero():
+    from mmattn.kernels.philox import tl_rand_launch
+
+    c0, _ = _counters(1000)
+    zeros = torch.zeros_like(c0)
+    assert torch.equal(tl_rand_launch(1234, c0), philox_uniform(1234, c0, zeros))
+
+
+def test_dropout_keep_mask_convention():
+    b, h, lq, lk, p, seed = 2, 3, 5, 7, 0.3, 99
+    keep = dropout_keep_mask(seed, p, b, h, lq, lk)
+    c0, c1 = dropout_counters(b, h, lq, lk)
+    for bi, hi, i, j in [(0, 0, 0, 0), (1, 2, 4, 6), (1, 0, 3, 2)]:
+        u = philox_uniform(seed, torch.tensor([i * lk + j]), torch.tensor([bi * h + hi]))
+        assert bool(keep[bi, hi, i, j]) == bool(u[0] >= p)
+    assert int(c0[0, 0, 4, 6]) == 4 * lk + 6 and int(c1[1, 2, 0, 0]) == 1 * h + 2
+    frac = keep.float().mean().item()
+    assert 0.5 < frac < 0.9
+
+
+def test_attention_dropout_uses_the_definition():
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    k = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    v = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    _, w_drop = mmattn.cross_attention(q, k, v, dropout_p=0.4, dropout_seed=5,
+                                       return_weights=True, backend="reference")
+    _, w = mmattn.cross_attention(q, k, v, return_weights=True, backend="reference")
+    keep = dropout_keep_mask(5, 0.4, 2, 3, 5, 7)
+    torch.testing.assert_close(w_drop, w * keep / 0.6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 2**32 + 5, 2**63 - 1])
+def test_cuda_kernel_and_triton_on_gpu_match_torch(seed):
+    c0, c1 = _counters()
+    expected = philox_uniform(seed, c0, c1)
+    got = torch.ops.mmattn.philox_uniform(c0.cuda(), c1.cuda(), seed)
+    assert got.is_cuda and torch.equal(got.cpu(), expected)
+    from mmattn.kernels.philox import philox_uniform_launch
+
+    assert torch.equal(philox_uniform_launch(seed, c0.cuda(), c1.cuda()).cpu(), expected)
