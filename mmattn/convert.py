@@ -7,7 +7,8 @@
 * seed 000's ``CrossModalAttention`` by :class:`mmattn.nn.CrossModalAttention`;
 * seed 004's ``SparseAttention`` by :class:`mmattn.nn.BlockSparseAttention`;
 * seed 002's ``WSMultiModalFusion`` by ``mmattn.nn.WSMultiModalFusion`` when this
-  build has it (and it offers ``from_seed``).
+  build has it and it offers ``from_seed(module)`` (reverted through its
+  ``dense_state_dict()``).
 
 Seed modules are recognised by structure (child and attribute names and types, and
 the names of ``forward``'s arguments), not by class identity, since every user has
@@ -240,7 +241,9 @@ def _why_not_revert_sparse(module: nn.Module) -> str | None:
 # ---- seed 002 WSMultiModalFusion -> mmattn.nn.WSMultiModalFusion (when built) -----------
 
 def _why_not_seed_ws_fusion(module: nn.Module) -> str | None:
-    if type(module).__module__.startswith("mmattn."):
+    target = getattr(mnn, "WSMultiModalFusion", None)
+    if type(module).__module__.startswith("mmattn.") or (
+            target is not None and isinstance(module, target)):
         return "already mmattn"
     weight, mask = module._parameters.get("weight"), module._buffers.get("mask")
     if weight is None or mask is None or weight.dim() != 2 or weight.shape != mask.shape:
@@ -334,10 +337,21 @@ def _why_not_revert_origin(cls_name: str) -> Callable[[nn.Module], str | None]:
 
 
 def _revert_ws(module: nn.Module) -> nn.Module:
+    """The seed's dense module again, from ``dense_state_dict()`` (new dense tensors: the
+    compressed parameters have another shape)."""
+    if not callable(getattr(module, "dense_state_dict", None)):
+        raise TypeError("mmattn.nn.WSMultiModalFusion has no dense_state_dict(); cannot "
+                        "revert it")
     origin: _Origin = getattr(module, _ORIGIN_ATTR)
-    if not callable(getattr(module, "to_seed", None)):
-        raise TypeError("mmattn.nn.WSMultiModalFusion has no to_seed(); cannot revert")
-    old = module.to_seed(origin.cls)
+    dense = module.dense_state_dict()
+    old = origin.cls.__new__(origin.cls)
+    nn.Module.__init__(old)
+    vars(old).update({name: getattr(module, name, value)
+                      for name, value in origin.attributes.items()})
+    weight = next(module.parameters())
+    old.weight = nn.Parameter(dense["weight"].to(weight.device, weight.dtype),
+                              requires_grad=weight.requires_grad)
+    old.register_buffer("mask", dense["mask"].to(weight.device))
     old.training = module.training
     return old
 

@@ -192,15 +192,69 @@ def test_seed_001_multimodal_transformer_converts() -> None:
 
 
 def test_seed_002_ws_fusion_follows_feature_check() -> None:
-    """Swapped when mmattn.nn.WSMultiModalFusion exists (with from_seed), else reported."""
-    model = nn.Sequential(seed_models.WSMultiModalFusion(3, 8, k=4, beta=0.3))
+    """Swapped when mmattn.nn.WSMultiModalFusion exists with from_seed, else reported."""
+    torch.manual_seed(0)
+    reference = seed_models.WSMultiModalFusion(3, 8, k=4, beta=0.3)
+    model = nn.Sequential(copy.deepcopy(reference))
     report = mmattn.convert(model)
     target = getattr(mmattn.nn, "WSMultiModalFusion", None)
     if target is not None and hasattr(target, "from_seed"):
         assert [s.to_type for s in report] == ["mmattn.nn.WSMultiModalFusion"]
+        features = [torch.randn(5, 8) for _ in range(3)]
+        torch.testing.assert_close(model[0](features), reference(features))
+        assert len(mmattn.revert(model)) == 1 and type(model[0]) is type(reference)
+        torch.testing.assert_close(model[0](features), reference(features))
     else:
         assert len(report) == 0
         assert report.skipped[0][0] == "0" and "WSMultiModalFusion" in report.skipped[0][2]
+
+
+class _CompressedWSStandIn(nn.Module):
+    """Stands in for mmattn.nn.WSMultiModalFusion's conversion API (from_seed,
+    dense_state_dict, forward): stores only the kept weights."""
+
+    def __init__(self, mask: torch.Tensor, kept: torch.Tensor, n_modalities: int,
+                 features_per_modality: int) -> None:
+        super().__init__()
+        self.register_buffer("index", mask.nonzero())
+        self.kept = nn.Parameter(kept)
+        self.shape = tuple(mask.shape)
+        self.n_modalities, self.features_per_modality = n_modalities, features_per_modality
+
+    @classmethod
+    def from_seed(cls, module: nn.Module) -> _CompressedWSStandIn:
+        mask = module.mask.bool()
+        return cls(mask, module.weight.detach()[mask], module.n_modalities,
+                   module.features_per_modality)
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        weight = self.kept.new_zeros(self.shape).index_put(tuple(self.index.t()), self.kept)
+        mask = torch.zeros(self.shape).index_put(tuple(self.index.t()), torch.tensor(1.0))
+        return {"weight": weight.detach(), "mask": mask}
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return nn.functional.linear(torch.cat(features, -1), self.dense_state_dict()["weight"])
+
+
+def test_seed_002_ws_fusion_conversion_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert/revert with a WSMultiModalFusion that offers from_seed (a stand-in)."""
+    monkeypatch.setattr(mmattn.nn, "WSMultiModalFusion", _CompressedWSStandIn, raising=False)
+    torch.manual_seed(0)
+    reference = seed_models.WSMultiModalFusion(3, 8, k=4, beta=0.3).eval()
+    model = nn.Sequential(copy.deepcopy(reference))
+    report = mmattn.convert(model)
+    assert [s.path for s in report] == ["0"] and type(model[0]) is _CompressedWSStandIn
+    assert not model[0].training
+    features = [torch.randn(5, 8) for _ in range(3)]
+    torch.testing.assert_close(model[0](features), reference(features))
+    assert len(mmattn.convert(model)) == 0  # already converted
+    back = mmattn.revert(model)
+    assert len(back) == 1 and type(model[0]) is seed_models.WSMultiModalFusion
+    assert model[0].n_modalities == 3 and model[0].features_per_modality == 8
+    torch.testing.assert_close(model[0].weight, reference.weight * reference.mask)
+    assert torch.equal(model[0].mask, reference.mask)
+    assert model[0].get_sparsity() == reference.get_sparsity()
+    torch.testing.assert_close(model[0](features), reference(features))
 
 
 def test_convert_rejects_non_modules() -> None:
