@@ -15,7 +15,6 @@ NaN.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +86,10 @@ class MultiheadAttention(nn.MultiheadAttention):
     weights and runs PyTorch's fused kernel, giving PyTorch's result. Training,
     autograd and every other use run mmattn. ``torch.backends.mha.set_fastpath_enabled(False)``
     routes the fast-path cases through mmattn too.
+
+    Documented differences: a query row with every key masked gives 0 (PyTorch: NaN);
+    invalid arguments raise ``ValueError``/``TypeError`` naming the argument (PyTorch:
+    ``AssertionError``/``RuntimeError``); the extra ``block_mask`` keyword.
     """
 
     def forward(  # type: ignore[override]
@@ -100,7 +103,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
         *,
-        block_mask: Any = None,
+        block_mask: BlockMask | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         r"""Attention of ``query`` over ``key``/``value``, as ``torch.nn.MultiheadAttention``.
 
@@ -322,7 +325,7 @@ class CrossModalAttention(nn.Module):
         self.need_weights = need_weights
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
-                *, need_weights: bool | None = None, block_mask: Any = None
+                *, need_weights: bool | None = None, block_mask: BlockMask | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         r"""Cross-modal attention of ``query`` over ``key``/``value``.
 
