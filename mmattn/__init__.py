@@ -9,6 +9,8 @@ Public API:
     watts_strogatz(n, k, beta, seed)   small-world graph edges, as networkx (mmattn.watts_strogatz)
     watts_strogatz_mask(out, in, ...)  bool Watts-Strogatz weight mask (mmattn.watts_strogatz)
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
+    nn                                 drop-in modules (MultiheadAttention, ...)
+    convert(model), revert(model)      swap a model's attention modules for mmattn's and back
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def _map_kernels_package() -> None:
 
 _map_kernels_package()
 
-from mmattn import _extension  # noqa: E402, F401  (loads mmattn._C, warns once if absent)
+from mmattn import _extension, nn  # noqa: E402, F401  (_extension loads mmattn._C, warns once)
 from mmattn.attention import cross_attention  # noqa: E402
 from mmattn.block_mask import BlockMask  # noqa: E402
+from mmattn.convert import convert, revert  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
 from mmattn.layout import SparseLayout  # noqa: E402
 from mmattn.watts_strogatz import watts_strogatz, watts_strogatz_mask  # noqa: E402
@@ -59,7 +62,10 @@ __all__ = [
     "BlockMask",
     "SparseLayout",
     "__version__",
+    "convert",
     "cross_attention",
+    "nn",
+    "revert",
     "use_backend",
     "watts_strogatz",
     "watts_strogatz_mask",

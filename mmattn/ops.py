@@ -183,7 +183,8 @@ def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is
     d_mask = q.new_empty(b, hq, lq, k.shape[2]) if mask_needs_grad else q.new_empty(0)
     if mask_needs_grad and attn_mask is not None:
         d_mask = d_mask.to(attn_mask.dtype)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_mask
+    # Every backend returns contiguous gradients, whatever the inputs' strides.
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -199,6 +200,9 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.mask_needs_grad = (
         attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     )
+    # An unused output must arrive as None, not as zeros: a zero gradient for the
+    # weights would send the backward to the reference for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _attention_grads(run_backward, ctx, grad_out, grad_weights):
@@ -207,6 +211,8 @@ def _attention_grads(run_backward, ctx, grad_out, grad_weights):
      *block_tensors) = ctx.saved_tensors
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
         ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
@@ -319,7 +325,7 @@ def _ws_linear_backward_impl(grad_y, x, values, crow_indices, col_indices, row_i
 def _(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
       transpose_perm, out_features, block_size, has_bias, backend):
     d_bias = x.new_empty(out_features) if has_bias else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(values), d_bias
+    return x.new_empty(x.shape), values.new_empty(values.shape), d_bias
 
 
 def _ws_setup_context(ctx, inputs, output):
