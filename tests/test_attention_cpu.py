@@ -427,6 +427,17 @@ def test_block_mask_with_other_masks_and_dropout(case):
     assert torch.equal(ours[1] == 0, ref[1] == 0)
 
 
+def test_block_mask_causal_skips_query_tiles_inside_partial_blocks():
+    """Query blocks of 128 rows hold two 64-row tiles; causal masking skips the first
+    tile for keys past it, and the partial masks must still be read at the right rows."""
+    lq = lk = 256
+    dense = torch.rand(1, 1, lq, lk, generator=torch.Generator().manual_seed(5)) < 0.7
+    block_mask = BlockMask.from_dense_mask(dense, (128, 32))
+    assert block_mask.num_partial_blocks == block_mask.layout.sum()
+    q, k, v = _qkv((1, 2, 2, lq, lk, 16, 16))
+    _check_block_mask(q, k, v, block_mask, is_causal=True, return_weights=True)
+
+
 @pytest.mark.parametrize("name", ["causal", "local_window", "bigbird"])
 def test_block_mask_constructors(name):
     q, k, v = _qkv((1, 2, 2, 300, 300, 32, 32))

@@ -674,10 +674,13 @@ struct BackwardScratch {
 inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t kb, int64_t j0,
                                 int64_t nk, std::vector<Tile>& tiles) {
   tiles.clear();
-  auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld, int64_t row0) {
-    // Causal: queries before j0 see none of these keys.
-    if (P.causal) lo = std::max(lo, row0 + (j0 - row0) / kQueryTile * kQueryTile);
-    for (int64_t i0 = lo; i0 < hi; i0 += kQueryTile) {
+  // Query rows [row0, hi) in tiles of kQueryTile from row0; `partial` (if any) is
+  // the block's mask at its row for key j0, lanes counted from row0.
+  auto push = [&](int64_t row0, int64_t hi, const uint8_t* partial, int64_t ld) {
+    int64_t first = row0;
+    // Causal: queries before j0 see none of these keys; skip their whole tiles.
+    if (P.causal && j0 > row0) first = row0 + (j0 - row0) / kQueryTile * kQueryTile;
+    for (int64_t i0 = first; i0 < hi; i0 += kQueryTile) {
       Tile t;
       t.i0 = i0;
       t.nq = std::min(kQueryTile, hi - i0);
@@ -686,14 +689,14 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
       if (P.causal && j0 > i0 + t.nq - 1) continue;
       t.causal_cut = P.causal && j0 + nk - 1 > i0;
       if (partial) {
-        t.partial = partial + (i0 - lo);
+        t.partial = partial + (i0 - row0);
         t.partial_ld = ld;
       }
       tiles.push_back(t);
     }
   };
   if (!P.blocks.present) {
-    push(0, P.Lq, nullptr, 0, 0);
+    push(0, P.Lq, nullptr, 0);
     return;
   }
   const BlockView& bv = P.blocks;
@@ -707,10 +710,10 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
     const int64_t cell = (base * bv.nbq + qb) * bv.nbk + kb;
     const int64_t pidx = bv.partial_index[cell];
     if (bv.full[cell]) {
-      push(lo, hi, nullptr, 0, lo);
+      push(lo, hi, nullptr, 0);
     } else if (pidx >= 0) {
       const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (j0 - kb * bv.bk) * bv.bq;
-      push(lo, hi, pm, bv.bq, lo);
+      push(lo, hi, pm, bv.bq);
     }
   }
 }
