@@ -261,6 +261,24 @@ inline void scale_rows(const float* src, int64_t src_ld, int64_t rows, int64_t c
   }
 }
 
+// dst[r * dst_ld + c] += src[r * src_ld + c] for r < rows, c < cols.
+inline void add_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols, float* dst,
+                     int64_t dst_ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * src_ld;
+    float* out = dst + r * dst_ld;
+    for (int64_t c = 0; c < full; c += W) {
+      Vec::store(out + c, Vec::add(Vec::load(out + c), Vec::load(in + c)));
+    }
+    if (tail > 0) {
+      Vec::store_n(out + full, Vec::add(Vec::load_n(out + full, tail),
+                                        Vec::load_n(in + full, tail)), tail);
+    }
+  }
+}
+
 // Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
 inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
   const int64_t si = mask.si;
@@ -656,8 +674,10 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < P.Lq; ++i) {
       const float* gi = dout + i * G.do_sl;
       const float* oi = out + i * G.o_sl;
+      // The same fused multiply-add chain as the dP GEMM: when O equals a row of V
+      // (a single visible key) dP - delta is then exactly 0, as in exact arithmetic.
       float delta = 0.0f;
-      for (int64_t d = 0; d < P.Dv; ++d) delta += gi[d] * oi[d];
+      for (int64_t d = 0; d < P.Dv; ++d) delta = Vec::fma1(gi[d], oi[d], delta);
       G.delta[bh * P.Lq + i] = delta;
     }
   }
@@ -665,6 +685,7 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
 
 struct BackwardScratch {
   Buffer st, pd, dp, z;
+  Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
   alignas(64) float delta[kQueryTile];
   std::vector<Tile> tiles;
@@ -766,8 +787,11 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
     }
   }
   const float* dout = G.dout + b * G.do_sb + h * G.do_sh + t.i0 * G.do_sl;
-  // dV[j] += sum_i Pd[j][i] dO[i]
-  gemm<true, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, dv + t.j0 * P.Dv, P.Dv);
+  // dV[j] += sum_i Pd[j][i] dO[i]. Each tile's contribution is summed apart and
+  // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
+  float* part = s.part.get();
+  gemm<false, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
+  add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
   // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
   // (scale applied once here for both dQ and dK).
   float* dp = s.dp.get();
@@ -780,10 +804,11 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
                                G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
                                dscores);
   // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
-  gemm<true, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
-                    P.q_sl, dk + t.j0 * P.D, P.D);
-  gemm<true, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl,
-                   dq + (bh * P.Lq + t.i0) * P.D, P.D);
+  gemm<false, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+                     P.q_sl, part, P.D);
+  add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
+  gemm<false, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
+  add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
 }
 
 void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
@@ -792,6 +817,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
   s.st = make_buffer(key_tile * kQueryTile);
   s.dp = make_buffer(key_tile * kQueryTile);
+  s.part = make_buffer(std::max(key_tile, kQueryTile) * std::max<int64_t>({P.D, P.Dv, 1}));
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
     s.z = make_buffer(key_tile * kQueryTile);

@@ -37,6 +37,8 @@ struct Vec {
   static inline Tail tail(int n) { return prefix_i(n); }
   static inline R load_t(const float* p, Tail t) { return _mm256_maskload_ps(p, t); }
   static inline void store_t(float* p, R x, Tail t) { _mm256_maskstore_ps(p, t, x); }
+  // Scalar a * b + c rounded as one lane of fmadd.
+  static inline float fma1(float a, float b, float c) { return std::fma(a, b, c); }
   static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
   static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }

@@ -31,6 +31,8 @@ struct Vec {
   static inline Tail tail(int n) { return prefix(n); }
   static inline R load_t(const float* p, Tail t) { return _mm512_maskz_loadu_ps(t, p); }
   static inline void store_t(float* p, R x, Tail t) { _mm512_mask_storeu_ps(p, t, x); }
+  // Scalar a * b + c rounded as one lane of fmadd.
+  static inline float fma1(float a, float b, float c) { return std::fma(a, b, c); }
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
   static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }

@@ -25,6 +25,8 @@ struct Vec {
   static inline void store_t(float* p, R x, Tail t) {
     if (t > 0) *p = x;
   }
+  // Scalar a * b + c rounded as one lane of fmadd.
+  static inline float fma1(float a, float b, float c) { return a * b + c; }
   static inline R add(R a, R b) { return a + b; }
   static inline R sub(R a, R b) { return a - b; }
   static inline R mul(R a, R b) { return a * b; }
