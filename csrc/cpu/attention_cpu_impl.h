@@ -448,7 +448,8 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
 
 struct ForwardScratch {
   Buffer q_t, st;
-  Buffer o;  // output accumulator, (query rows, Dv), row stride Dv
+  Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
+  Buffer part;  // one key tile's P . V, same layout
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
@@ -498,8 +499,12 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     }
     // O = alpha * O + P . V: P^T is read as broadcasts down its columns, V rows are
     // the vectors, and only the tile's nq query rows are computed.
+    // The tile's P . V is summed apart, then O = alpha * O + part: float32
+    // error grows with the tile length, not with Lk.
+    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+                      P.Dv);
     if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
-    gemm<true, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.o.get(), P.Dv);
+    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
 }
 
@@ -595,7 +600,9 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
         }
       }
     }
-    gemm<true, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.o.get(), P.Dv);
+    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+                      P.Dv);
+    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
 }
 
@@ -605,6 +612,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
   s.q_t = make_buffer(P.D * kQueryTile);
   s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
   s.st = make_buffer(st_rows * kQueryTile);
 
