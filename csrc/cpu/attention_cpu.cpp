@@ -433,7 +433,6 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   const int64_t pairs = std::max<int64_t>(1, d.B * d.Hkv);
   int64_t chunks = 1;
   if (pairs < 2 * threads && pairs % threads != 0) chunks = (2 * threads + pairs - 1) / pairs;
-  G.num_chunks = 1;
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, G.key_units()));
   G.num_chunks = chunks;
 
