@@ -5,10 +5,12 @@ Public API:
     cross_attention(q, k, v, ...)      fused multi-head attention (mmattn.attention)
     ws_linear(x, weight, layout, bias) sparse linear over a compressed layout (mmattn.ws)
     SparseLayout                       compressed weight sparsity pattern (mmattn.layout)
+    BlockMask                          block-sparse attention mask (mmattn.block_mask)
     watts_strogatz(n, k, beta, seed)   small-world graph edges, as networkx (mmattn.watts_strogatz)
     watts_strogatz_mask(out, in, ...)  bool Watts-Strogatz weight mask (mmattn.watts_strogatz)
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
-    nn.WSLinear, nn.WSMultiModalFusion compressed Watts-Strogatz linear layers (mmattn.nn)
+    nn                                 drop-in modules (MultiheadAttention, WSLinear, ...)
+    convert(model), revert(model)      swap a model's attention modules for mmattn's and back
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def _map_kernels_package() -> None:
 
 _map_kernels_package()
 
-# _extension loads mmattn._C (one warning if absent); nn holds the modules.
-from mmattn import _extension, nn  # noqa: E402, F401
+from mmattn import _extension, nn  # noqa: E402, F401  (_extension loads mmattn._C, warns once)
 from mmattn.attention import cross_attention  # noqa: E402
+from mmattn.block_mask import BlockMask  # noqa: E402
+from mmattn.convert import convert, revert  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
 from mmattn.layout import SparseLayout  # noqa: E402
 from mmattn.watts_strogatz import watts_strogatz, watts_strogatz_mask  # noqa: E402
@@ -56,10 +59,13 @@ except Exception:  # a source checkout that was never installed
 
 __all__ = [
     "BackendUnavailableError",
+    "BlockMask",
     "SparseLayout",
     "__version__",
+    "convert",
     "cross_attention",
     "nn",
+    "revert",
     "use_backend",
     "watts_strogatz",
     "watts_strogatz_mask",

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmattn import dispatch, ops
+from mmattn import _cpu_attention, dispatch, ops
+from mmattn.block_mask import BlockMask
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SEED = 2**63 - 1
@@ -67,14 +68,34 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
     return attn_mask.expand(target)
 
 
-def _fold_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
-                     device: torch.device) -> Tensor | None:
-    """Combine a block mask with ``attn_mask`` as one element mask (AND semantics)."""
-    if block_mask is None:
+def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
+                     device: torch.device) -> tuple[list[Tensor] | None, list[int] | None]:
+    """Check a BlockMask against the call and lay it out for the ops (or (None, None)).
+
+    Its compressed indices travel to the kernels, which skip empty blocks; backends
+    without block-sparse kernels get it densified inside the op (mmattn.ops).
+    """
+    if block_mask is None or not isinstance(block_mask, BlockMask):
+        return None, None
+    if tuple(block_mask.seq_lengths) != (lq, lk):
+        raise ValueError(f"block_mask covers (Lq, Lk) = {tuple(block_mask.seq_lengths)}, the "
+                         f"call has {(lq, lk)}")
+    bm, hm = block_mask.layout.shape[:2]
+    if bm not in (1, b) or hm not in (1, hq):
+        raise ValueError(f"block_mask has (Bm, Hm) = {(bm, hm)}; they must be 1 or "
+                         f"(B, Hq) = {(b, hq)}")
+    return ops.block_mask_args(block_mask.to(device))
+
+
+def _fold_dense_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
+                           device: torch.device) -> Tensor | None:
+    """A mask object other than a BlockMask (anything with ``to_dense()`` returning a bool
+    tensor broadcastable to ``target``) combined with ``attn_mask`` as one element mask."""
+    if block_mask is None or isinstance(block_mask, BlockMask):
         return attn_mask
     if not hasattr(block_mask, "to_dense"):
-        raise TypeError(f"block_mask must be an mmattn.BlockMask (anything with to_dense()), got "
-                        f"{type(block_mask).__name__}")
+        raise TypeError(f"block_mask must be an mmattn.BlockMask (or anything with "
+                        f"to_dense()), got {type(block_mask).__name__}")
     dense = block_mask.to_dense()
     if not isinstance(dense, Tensor) or dense.dtype != torch.bool:
         raise TypeError("block_mask.to_dense() must return a bool tensor")
@@ -90,6 +111,24 @@ def _fold_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[in
     return attn_mask.masked_fill(~dense, -math.inf)
 
 
+# Dtypes the fused kernels (mmattn::fused_attention_fwd/bwd) accept; float64 runs
+# on the reference only.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_ops_reason(device_type: str) -> str | None:
+    for op_name in (_cpu_attention.FORWARD_OP, _cpu_attention.BACKWARD_OP):
+        reason = dispatch.extension_reason(op_name, torch.device(device_type))
+        if reason is not None:
+            return reason
+    return None
+
+
+# Fixed at import (the extension is loaded by then), so that backend choice under
+# torch.compile reads a plain dict instead of calling into the dispatcher.
+_KERNEL_OPS_REASON = {device: _kernel_ops_reason(device) for device in ("cpu", "cuda")}
+
+
 def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> str | None:
     """Why ``backend`` cannot run this attention call, or None."""
     if backend == "reference":
@@ -99,15 +138,16 @@ def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> st
     if backend in ("cpu", "cuda"):
         if q.device.type != backend:
             return f"the {backend} backend needs {backend} tensors, got {q.device.type}"
-        reason = dispatch.extension_reason("attention_forward", q.device)
+        reason = _KERNEL_OPS_REASON[backend]
         if reason is not None:
             return reason
     if backend == "triton":
         reason = dispatch.triton_reason(q.device)
         if reason is not None:
             return reason
-    if q.dtype == torch.float64:
-        return "float64 runs on the reference backend only"
+    if q.dtype not in _KERNEL_DTYPES:
+        return (f"the {backend} attention kernels support float32, bfloat16 and float16, "
+                f"got {q.dtype} (float64 runs on the reference backend only)")
     return None
 
 
@@ -149,7 +189,8 @@ def cross_attention(
     lk = k.shape[2]
     target = (b, hq, lq, lk)
     mask = _normalise_attn_mask(attn_mask, target, q)
-    mask = _fold_block_mask(block_mask, mask, target, q.device)
+    mask = _fold_dense_block_mask(block_mask, mask, target, q.device)
+    block_tensors, block_size = _block_mask_args(block_mask, b, hq, lq, lk, q.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding), got "
@@ -183,8 +224,8 @@ def cross_attention(
         lambda candidate: _unsupported(candidate, q, dropout=dropout_p > 0,
                                        weights=return_weights),
     )
-    out, _lse, weights = ops.attention_forward(
+    out, _lse, weights = ops.attention(
         q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p), float(scale),
-        seed_tensor, bool(return_weights), name,
+        seed_tensor, bool(return_weights), name, block_tensors, block_size,
     )
     return (out, weights) if return_weights else out

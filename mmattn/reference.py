@@ -91,6 +91,28 @@ def _dropout_scale(probs: Tensor, dropout_p: float, seed: int | None) -> Tensor 
     return keep.to(probs.dtype) * factor
 
 
+def block_mask_to_dense(full: Tensor, partial_index: Tensor, partial_masks: Tensor,
+                        block_size: tuple[int, int], seq_lengths: tuple[int, int]) -> Tensor:
+    """Element mask of a block mask from its classification (see :class:`mmattn.BlockMask`).
+
+    Args:
+        full: bool ``(Bm, Hm, nbq, nbk)``, True where every element of the block is visible.
+        partial_index: int32 ``(Bm, Hm, nbq, nbk)``, index into ``partial_masks`` or -1.
+        partial_masks: bool ``(P, bq, bk)``.
+        block_size: ``(bq, bk)``; seq_lengths: ``(Lq, Lk)``.
+
+    Returns:
+        bool ``(Bm, Hm, Lq, Lk)``, True = may attend; empty blocks are False.
+    """
+    (bq, bk), (lq, lk) = block_size, seq_lengths
+    bm, hm, nbq, nbk = full.shape
+    blocks = full[..., None, None].expand(bm, hm, nbq, nbk, bq, bk).clone()
+    partial = partial_index >= 0
+    blocks[partial] = partial_masks[partial_index[partial].long()]
+    dense = blocks.permute(0, 1, 2, 4, 3, 5).reshape(bm, hm, nbq * bq, nbk * bk)
+    return dense[:, :, :lq, :lk]
+
+
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: int | None,

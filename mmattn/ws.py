@@ -140,4 +140,4 @@ def _call(x: Tensor, weight: Tensor, index: tuple[Tensor, ...], out_features: in
                                         lambda b: _unsupported(b, x))
         if automatic and not torch.compiler.is_compiling():
             _AUTO_CHOICE[key] = name
-    return ops.ws_linear_call(x, weight, index, out_features, block_size, bias, name)
+    return ops.ws_linear_apply(x, weight, *index, out_features, block_size, bias, name)

@@ -249,3 +249,41 @@ def test_torch_compile_inductor_with_dropout():
 
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+def test_unused_weights_do_not_reach_the_backward_as_zeros(monkeypatch):
+    from mmattn import ops
+
+    seen = []
+    original = ops._attention_backward_impl
+
+    def spy(grad_out, grad_weights, *rest):
+        seen.append(grad_weights)
+        return original(grad_out, grad_weights, *rest)
+
+    monkeypatch.setattr(ops, "_attention_backward_impl", spy)
+    q, k, v = _qkv(requires_grad=True)
+    out, weights = mmattn.cross_attention(q, k, v, return_weights=True)
+    out.sum().backward()
+    assert seen == [None]
+    q.grad = None
+    out, weights = mmattn.cross_attention(q, k, v, return_weights=True)
+    weights.sum().backward()  # only the weights are used: out's gradient is None
+    assert seen[-1] is not None and torch.isfinite(q.grad).all()
+
+
+def test_compiled_backward_with_strided_inputs():
+    # Heads as a transposed view of a (B, L, E) projection, as in nn.MultiheadAttention:
+    # the gradient flows back through view(), which needs the layout the fake promised.
+    base = torch.randn(2, 5, 32, requires_grad=True)
+
+    def layer(x):
+        q = x.view(2, 5, 4, 8).transpose(1, 2)
+        return mmattn.cross_attention(q, q, q).sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(base).backward()
+    expected = base.grad.clone()
+    base.grad = None
+    layer(base).backward()
+    torch.testing.assert_close(expected, base.grad)

@@ -89,3 +89,15 @@ def test_attention_dropout_uses_the_definition():
     _, w = mmattn.cross_attention(q, k, v, return_weights=True, backend="reference")
     keep = dropout_keep_mask(5, 0.4, 2, 3, 5, 7)
     torch.testing.assert_close(w_drop, w * keep / 0.6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 2**32 + 5, 2**63 - 1])
+def test_cuda_kernel_and_triton_on_gpu_match_torch(seed):
+    c0, c1 = _counters()
+    expected = philox_uniform(seed, c0, c1)
+    got = torch.ops.mmattn.philox_uniform(c0.cuda(), c1.cuda(), seed)
+    assert got.is_cuda and torch.equal(got.cpu(), expected)
+    from mmattn.kernels.philox import philox_uniform_launch
+
+    assert torch.equal(philox_uniform_launch(seed, c0.cuda(), c1.cuda()).cpu(), expected)

@@ -224,7 +224,7 @@ def test_eager_path_matches_the_custom_op():
     x = torch.randn(2, 5, 30, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     index = layout.index_tensors()
-    eager = ops.ws_linear_call(x, values, index, 40, 1, None, "cpu")
+    eager = ops.ws_linear_apply(x, values, *index, 40, 1, None, "cpu")
     custom = ops.ws_linear(x, values, *index, 40, 1, None, "cpu")
     torch.testing.assert_close(eager, custom, rtol=0, atol=0)
     grads = [torch.autograd.grad(y.sum(), (x, values)) for y in (eager, custom)]

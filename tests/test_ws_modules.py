@@ -120,6 +120,23 @@ def test_loads_the_seed_state_dict_and_exports_one_it_loads():
     assert set(ours.state_dict()) == {"weight", "crow_indices", "col_indices"}
 
 
+def test_from_seed_converts_an_instance_and_mmattn_convert_round_trips():
+    torch.manual_seed(2)
+    seed = SeedWSMultiModalFusion(3, 16, 4, 0.3)
+    ours = WSMultiModalFusion.from_seed(seed)
+    feats = [torch.randn(4, 16) for _ in range(3)]
+    torch.testing.assert_close(ours(feats), seed(feats))
+    assert torch.equal(ours.mask, seed.mask) and ours.k is None
+    model = nn.Sequential(SeedWSMultiModalFusion(3, 16, 4, 0.3))
+    model[0].load_state_dict(seed.state_dict())
+    assert [s.to_type for s in mmattn.convert(model)] == ["mmattn.nn.WSMultiModalFusion"]
+    torch.testing.assert_close(model[0](feats), seed(feats))
+    assert len(mmattn.revert(model)) == 1 and type(model[0]) is SeedWSMultiModalFusion
+    torch.testing.assert_close(model[0](feats), seed(feats))
+    with pytest.raises(ValueError, match="square dense"):
+        WSMultiModalFusion.from_seed(nn.Linear(4, 4))
+
+
 def test_loading_a_seed_state_dict_with_another_mask_fails_clearly():
     seed = SeedWSMultiModalFusion(3, 64, 4, 0.3)
     ours = WSMultiModalFusion(3, 64, 6, 0.3)

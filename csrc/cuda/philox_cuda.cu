@@ -25,6 +25,11 @@ Tensor philox_uniform_cuda(Tensor counter0, Tensor counter1, int64_t seed) {
   check_int32_contiguous(counter1, "counter1");
   STD_TORCH_CHECK(counter0.numel() == counter1.numel(),
                   "counter0 and counter1 must have the same number of elements");
+  STD_TORCH_CHECK(counter0.is_cuda() && counter1.is_cuda() &&
+                      counter0.get_device_index() == counter1.get_device_index(),
+                  "counter0 and counter1 must be on the same CUDA device");
+  // Allocation and launch must target the inputs' GPU, not the current one.
+  const torch::stable::accelerator::DeviceGuard device_guard(counter0.get_device_index());
   Tensor out = torch::stable::new_empty(counter0, counter0.sizes(), ScalarType::Float);
   const int64_t numel = counter0.numel();
   if (numel == 0) return out;

@@ -1,5 +1,12 @@
-"""``mmattn.nn``: drop-in ``nn.Module`` layers backed by mmattn's ops."""
+"""Drop-in ``nn.Module``s: they hold parameters and call mmattn's functional ops."""
 
+from mmattn.nn.attention import BlockSparseAttention, CrossModalAttention, MultiheadAttention
 from mmattn.nn.ws_linear import WSLinear, WSMultiModalFusion
 
-__all__ = ["WSLinear", "WSMultiModalFusion"]
+__all__ = [
+    "BlockSparseAttention",
+    "CrossModalAttention",
+    "MultiheadAttention",
+    "WSLinear",
+    "WSMultiModalFusion",
+]

@@ -289,7 +289,8 @@ class WSMultiModalFusion(_CompressedLinear):
     always uses seed 42). Differences from the seed: ``weight`` holds the ``nnz`` kept
     values, not the dense matrix, and ``mask`` is a read-only view derived from the
     layout. Loading the seed module's state_dict (dense ``weight`` + ``mask``) works; the
-    entries outside the mask are dropped. :meth:`dense_state_dict` goes the other way.
+    entries outside the mask are dropped; :meth:`from_seed` converts an instance.
+    :meth:`dense_state_dict` goes the other way.
 
     Initialisation: as the seed, ``randn(n, n) * 0.01`` read at the kept entries, so
     under the same ``torch.manual_seed`` both modules start with the same kept weights.
@@ -313,6 +314,34 @@ class WSMultiModalFusion(_CompressedLinear):
         with torch.no_grad():
             dense = torch.randn(self.out_features, self.in_features) * 0.01
             self.weight.copy_(_kept_values(dense, self.layout))
+
+    @classmethod
+    def from_seed(cls, module: nn.Module) -> WSMultiModalFusion:
+        """The compressed twin of a seed-002 ``WSMultiModalFusion`` instance: its ``mask``
+        as the layout and the kept entries of its ``weight`` (same device, dtype and
+        ``requires_grad``). The seed records neither k nor beta, so they are None here;
+        used by :func:`mmattn.convert` (reverted through :meth:`dense_state_dict`)."""
+        weight, mask = getattr(module, "weight", None), getattr(module, "mask", None)
+        if not (isinstance(weight, Tensor) and isinstance(mask, Tensor) and weight.dim() == 2
+                and weight.shape == mask.shape and weight.shape[0] == weight.shape[1]):
+            raise ValueError("module must hold a square dense `weight` and a `mask` of its "
+                             "shape, as seed 002's WSMultiModalFusion")
+        n_modalities = getattr(module, "n_modalities", None)
+        features = getattr(module, "features_per_modality", None)
+        if not (isinstance(n_modalities, int) and isinstance(features, int) and
+                n_modalities * features == weight.shape[0]):
+            raise ValueError("module's n_modalities * features_per_modality must equal its "
+                             f"weight's size {weight.shape[0]}")
+        layout = SparseLayout.from_mask(mask != 0)
+        new = cls.__new__(cls)
+        _CompressedLinear.__init__(new, layout, bias=False, device=weight.device,
+                                   dtype=weight.dtype)
+        new.n_modalities, new.features_per_modality = n_modalities, features
+        new.k = new.beta = new.seed = None
+        with torch.no_grad():
+            new.weight.copy_(_kept_values(weight.detach(), new.layout))
+        new.weight.requires_grad_(weight.requires_grad)
+        return new
 
     def forward(self, features: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         """``features``: ``n_modalities`` tensors ``(..., features_per_modality)`` ->

@@ -1,0 +1,858 @@
+// Fused attention kernels, written once against the `Vec` interface
+// (simd_avx512.h, simd_avx2.h, simd_scalar.h) and compiled once per ISA.
+//
+// Included (no include guard, on purpose) by attention_cpu_{avx512,avx2,generic}.cpp
+// inside namespace mmattn::attn_cpu::<isa>, after `struct Vec` and inside that
+// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, csrc/philox.h
+// and attention_cpu.h are included before.
+//
+// Layout choice: every score tile is stored transposed, S^T[j][i] (key rows,
+// query lanes), so
+//   * S^T = K . Q^T needs no packing of K: K rows are broadcast scalars, and
+//     Q^T (packed once per 64-query tile) is the vector operand;
+//   * the softmax statistics (running max, sum, lse, delta) are vectors over
+//     query lanes: no horizontal reductions anywhere;
+//   * O += P . V reads P^T down its columns (broadcasts) and V rows (vectors),
+//     so the output tile is row-major and leaves without a transpose.
+// All five products of the backward have the same form (C += A . B with B rows
+// contiguous), so one register-blocked micro-kernel serves everything.
+
+using R = Vec::R;
+using M = Vec::M;
+constexpr int W = Vec::W;
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+constexpr int kMaxGroups = static_cast<int>(kQueryTile) / W;  // vectors per query tile
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// GEMM with register-blocked micro-kernels and fused epilogues.
+// ---------------------------------------------------------------------------
+
+// What the GEMM does to C before storing it (ACC == false only). Folding the
+// elementwise steps of attention into the GEMM saves a load/store pass over
+// each score tile:
+//   kScores:  C = scale * (A.B); lane_max[n] = max(lane_max[n], max_m C[m, n])
+//             (lane_max may be null);
+//   kProbs:   C = exp(scale * (A.B) - lane[n])        (lane = lse: backward P);
+//   kDScores: C = scale * P[m, n] * ((A.B) [* Z[m, n]] - lane[n])
+//             (lane = delta = rowsum(dO * O), P and Z laid out like C: backward dS).
+enum Epi : int { kNone = 0, kScores, kProbs, kDScores };
+struct Epilogue {
+  float scale = 1.0f;
+  float* lane_max = nullptr;
+  const float* lane = nullptr;
+  const float* p = nullptr;
+  const float* z = nullptr;
+};
+
+template <int MR, int NV, bool ACC, bool A_COL, int EPI>
+inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
+                         const float* __restrict b, int64_t ldb, float* __restrict c,
+                         int64_t ldc, int tail_lanes, const Epilogue& epi) {
+  static_assert(!(ACC && EPI != kNone), "epilogues overwrite C");
+  const typename Vec::Tail tail = Vec::tail(tail_lanes);
+  R acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (ACC) {
+        acc[r][v] = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
+                                : Vec::load(c + r * ldc + v * W);
+      } else {
+        acc[r][v] = Vec::zero();
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    R bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = v == NV - 1 ? Vec::load_t(b + v * W, tail) : Vec::load(b + v * W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+    b += ldb;
+  }
+  const R scale = Vec::set1(epi.scale);
+  if constexpr (EPI == kScores) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::mul(acc[r][v], scale);
+    }
+    if (epi.lane_max != nullptr) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        R mx = acc[0][v];
+#pragma GCC unroll 8
+        for (int r = 1; r < MR; ++r) mx = Vec::max(mx, acc[r][v]);
+        float* lm = epi.lane_max + v * W;
+        if (v == NV - 1) {
+          Vec::store_t(lm, Vec::max(Vec::load_t(lm, tail), mx), tail);
+        } else {
+          Vec::store(lm, Vec::max(Vec::load(lm), mx));
+        }
+      }
+    }
+  } else if constexpr (EPI == kProbs) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const R lse = Vec::load(epi.lane + v * W);  // lane buffers are padded to whole vectors
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r][v] = Vec::exp(Vec::sub(Vec::mul(acc[r][v], scale), lse));
+    }
+  } else if constexpr (EPI == kDScores) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const R delta = Vec::load(epi.lane + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        R d = acc[r][v];
+        if (epi.z != nullptr) d = Vec::mul(d, Vec::load(epi.z + r * ldc + v * W));
+        const R p = Vec::load(epi.p + r * ldc + v * W);
+        acc[r][v] = Vec::mul(Vec::mul(p, Vec::sub(d, delta)), scale);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (v == NV - 1) {
+        Vec::store_t(c + r * ldc + v * W, acc[r][v], tail);
+      } else {
+        Vec::store(c + r * ldc + v * W, acc[r][v]);
+      }
+    }
+  }
+}
+
+// Epilogue pointers for the block of C starting at row m0, column n0.
+inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64_t ldc) {
+  Epilogue o = e;
+  if (o.lane_max) o.lane_max += n0;
+  if (o.lane) o.lane += n0;
+  if (o.p) o.p += m0 * ldc + n0;
+  if (o.z) o.z += m0 * ldc + n0;
+  return o;
+}
+
+template <int NV, bool ACC, bool A_COL, int EPI>
+inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
+                       int64_t ldb, float* c, int64_t ldc, int tail, const Epilogue& epi,
+                       int64_t n0) {
+  constexpr int MR = Vec::kMR;
+  const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
+  int64_t m0 = 0;
+  for (; m0 + MR <= M; m0 += MR) {
+    micro_kernel<MR, NV, ACC, A_COL, EPI>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
+                                          tail, offset_epilogue(epi, m0, n0, ldc));
+  }
+  const int64_t rest = M - m0;
+  const float* ar = a + m0 * row_step;
+  float* cr = c + m0 * ldc;
+  const Epilogue e = offset_epilogue(epi, m0, n0, ldc);
+  switch (rest) {
+    case 0: break;
+    case 1: micro_kernel<1, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 2: micro_kernel<2, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 3: micro_kernel<3, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    default:
+      if constexpr (MR > 4) {
+        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+      }
+      break;
+  }
+}
+
+// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb), then
+// the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
+// A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
+// C rows are vectors; the last vector of a strip is masked, so N needs no padding.
+template <bool ACC, bool A_COL, int EPI = kNone>
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
+          int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
+  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
+  constexpr int64_t strip = Vec::kNV * W;
+  if (M <= 0 || N <= 0) return;
+  for (int64_t n0 = 0; n0 < N; n0 += strip) {
+    const int64_t width = std::min(N - n0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+    switch (nv) {
+      case 1:
+        gemm_strip<1, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        break;
+      case 2:
+        gemm_strip<2, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        break;
+      case 3:
+        if constexpr (Vec::kNV >= 3) {
+          gemm_strip<3, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        }
+        break;
+      case 4:
+        if constexpr (Vec::kNV >= 4) {
+          gemm_strip<4, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        }
+        break;
+      default: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Score tiles: coordinates, masking.
+// ---------------------------------------------------------------------------
+
+// One (query tile) x (key tile) score tile of head (b, h).
+struct Tile {
+  int64_t i0 = 0, nq = 0;  // query rows [i0, i0 + nq), lanes of the tile
+  int64_t j0 = 0, nk = 0;  // key rows [j0, j0 + nk), rows of the tile
+  bool causal_cut = false;  // the causal diagonal crosses the tile
+  // Block-sparse partial block: visibility of (key row r, lane l) is
+  // partial[r * partial_ld + l] (already offset to this tile), or nullptr.
+  const uint8_t* partial = nullptr;
+  int64_t partial_ld = 0;
+};
+
+inline int64_t lanes_of(int64_t nq) { return round_up(nq, W); }
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols: W x W blocks
+// through registers (Vec::transpose_store), scalar copies at the edges. Packs
+// Q^T / dO^T and writes O^T back as rows of `out`.
+void transpose_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols, float* dst,
+                    int64_t dst_ld) {
+  const int64_t rows_full = rows / W * W, cols_full = cols / W * W;
+  for (int64_t r0 = 0; r0 < rows_full; r0 += W) {
+    for (int64_t c0 = 0; c0 < cols_full; c0 += W) {
+      R block[W];
+      for (int r = 0; r < W; ++r) block[r] = Vec::load(src + (r0 + r) * src_ld + c0);
+      Vec::transpose_store(block, dst + c0 * dst_ld + r0, dst_ld);
+    }
+    for (int64_t c = cols_full; c < cols; ++c) {
+      for (int64_t r = r0; r < r0 + W; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+    }
+  }
+  for (int64_t r = rows_full; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
+  }
+}
+
+// dst[r * dst_ld + c] = src[r * src_ld + c] * factor[r] for r < rows, c < cols.
+inline void scale_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                       const float* factor, float* dst, int64_t dst_ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const R f = Vec::set1(factor[r]);
+    const float* in = src + r * src_ld;
+    float* out = dst + r * dst_ld;
+    for (int64_t c = 0; c < full; c += W) Vec::store(out + c, Vec::mul(Vec::load(in + c), f));
+    if (tail > 0) Vec::store_n(out + full, Vec::mul(Vec::load_n(in + full, tail), f), tail);
+  }
+}
+
+// dst[r * dst_ld + c] += src[r * src_ld + c] for r < rows, c < cols.
+inline void add_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols, float* dst,
+                     int64_t dst_ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * src_ld;
+    float* out = dst + r * dst_ld;
+    for (int64_t c = 0; c < full; c += W) {
+      Vec::store(out + c, Vec::add(Vec::load(out + c), Vec::load(in + c)));
+    }
+    if (tail > 0) {
+      Vec::store_n(out + full, Vec::add(Vec::load_n(out + full, tail),
+                                        Vec::load_n(in + full, tail)), tail);
+    }
+  }
+}
+
+// Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
+inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
+  const int64_t si = mask.si;
+  switch (mask.kind) {
+    case MaskKind::Bool: {
+      const uint8_t* p = static_cast<const uint8_t*>(mask.data) + offset;
+      for (int64_t l = 0; l < n; ++l) out[l] = p[l * si] ? 0.0f : kNegInf;
+      break;
+    }
+    case MaskKind::Float32: {
+      const float* p = static_cast<const float*>(mask.data) + offset;
+      for (int64_t l = 0; l < n; ++l) out[l] = p[l * si];
+      break;
+    }
+    default:
+      for (int64_t l = 0; l < n; ++l) out[l] = mask.additive(offset + l * si);
+      break;
+  }
+}
+
+inline bool tile_needs_mask(const Problem& P, const Tile& t) {
+  return P.mask.kind != MaskKind::None || P.kpm != nullptr || t.causal_cut ||
+         t.partial != nullptr;
+}
+
+// Applies the element masks to the scaled scores in st (t.nk rows of `lanes`
+// floats); with TRACK_MAX, lane_max receives the per-lane max over the rows.
+template <bool TRACK_MAX>
+void mask_scores(const Problem& P, int64_t b, int64_t h, const Tile& t, float* st,
+                 float* lane_max) {
+  const int64_t lanes = lanes_of(t.nq);
+  const int groups = static_cast<int>(lanes / W);
+  const R neg_inf = Vec::set1(kNegInf);
+  R mx[kMaxGroups];
+  for (int g = 0; g < groups; ++g) mx[g] = neg_inf;
+  const bool has_mask = P.mask.kind != MaskKind::None;
+  const int64_t mask_base = b * P.mask.sb + h * P.mask.sh + t.i0 * P.mask.si;
+  alignas(64) float mask_lanes[kQueryTile];
+  for (int64_t j = 0; j < t.nk; ++j) {
+    const int64_t key = t.j0 + j;
+    float* row = st + j * lanes;
+    bool row_hidden = P.kpm != nullptr && P.kpm[b * P.kpm_sb + key * P.kpm_sj] != 0;
+    float row_add = 0.0f;  // mask value shared by all lanes (mask broadcast over queries)
+    bool lane_mask = false;
+    if (has_mask && !row_hidden) {
+      const int64_t offset = mask_base + key * P.mask.sj;
+      if (P.mask.si == 0) {
+        row_add = P.mask.additive(offset);
+        row_hidden = row_add == kNegInf;
+      } else {
+        gather_mask_lanes(P.mask, offset, t.nq, mask_lanes);
+        for (int64_t l = t.nq; l < lanes; ++l) mask_lanes[l] = 0.0f;
+        lane_mask = true;
+      }
+    }
+    if (row_hidden) {
+      for (int g = 0; g < groups; ++g) Vec::store(row + g * W, neg_inf);
+      continue;
+    }
+    const R add = Vec::set1(row_add);
+    for (int g = 0; g < groups; ++g) {
+      R x = Vec::add(Vec::load(row + g * W), add);
+      if (lane_mask) x = Vec::add(x, Vec::load(mask_lanes + g * W));
+      if (t.causal_cut) {
+        // Lanes i < key are hidden: a prefix of (key - i0 - g*W) lanes.
+        x = Vec::blend(Vec::prefix(static_cast<int>(std::min<int64_t>(
+                           std::max<int64_t>(key - t.i0 - g * W, 0), W))),
+                       neg_inf, x);
+      }
+      if (t.partial) {
+        const int64_t valid = std::min<int64_t>(t.nq - g * W, W);
+        const M visible = Vec::bytes_nonzero(t.partial + j * t.partial_ld + g * W,
+                                             static_cast<int>(std::max<int64_t>(valid, 0)));
+        x = Vec::blend(visible, x, neg_inf);
+      }
+      Vec::store(row + g * W, x);
+      if constexpr (TRACK_MAX) mx[g] = Vec::max(mx[g], x);
+    }
+  }
+  if constexpr (TRACK_MAX) {
+    for (int g = 0; g < groups; ++g) Vec::store(lane_max + g * W, mx[g]);
+  }
+}
+
+// Score tile st = mask(scale * K[j0 : j0 + nk] . Q^T) for query lanes of t;
+// q_t points at the tile's first lane of a (D, ldq) transposed query block.
+// With TRACK_MAX, lane_max receives the per-lane max of the tile.
+template <bool TRACK_MAX>
+void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const float* k_head,
+                const float* q_t, int64_t ldq, float* st, float* lane_max) {
+  const int64_t lanes = lanes_of(t.nq);
+  const float* k_rows = k_head + t.j0 * P.k_sl;
+  if (!tile_needs_mask(P, t)) {
+    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
+    Epilogue epi;
+    epi.scale = P.scale;
+    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
+    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+    return;
+  }
+  Epilogue epi;
+  epi.scale = P.scale;
+  gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+  mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
+}
+
+// Dropout factor (keep ? drop_scale : 0) for key `key` and lanes of group g.
+inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
+  const uint32_t base = static_cast<uint32_t>(static_cast<uint64_t>((i0 + g * W) * P.Lk + key));
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint32_t>(P.Lk), c1,
+                                   P.keep_threshold);
+  return Vec::blend(keep, Vec::set1(P.drop_scale), Vec::zero());
+}
+
+// ---------------------------------------------------------------------------
+// Tile enumeration.
+// ---------------------------------------------------------------------------
+
+// Key tiles seen by query rows [i0, i0 + nq) of head (b, h) in q block qb.
+inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb, int64_t i0,
+                              int64_t nq, int64_t dense_tile, std::vector<Tile>& tiles) {
+  tiles.clear();
+  const int64_t i_last = i0 + nq - 1;
+  // Causal: keys beyond the tile's last query are hidden for all its rows.
+  const int64_t key_end = P.causal ? std::min(P.Lk, i_last + 1) : P.Lk;
+  auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld) {
+    for (int64_t j0 = lo; j0 < hi; j0 += dense_tile) {
+      Tile t;
+      t.i0 = i0;
+      t.nq = nq;
+      t.j0 = j0;
+      t.nk = std::min(dense_tile, hi - j0);
+      t.causal_cut = P.causal && t.j0 + t.nk - 1 > i0;
+      if (partial) {
+        t.partial = partial + (j0 - lo) * ld;
+        t.partial_ld = ld;
+      }
+      tiles.push_back(t);
+    }
+  };
+  if (!P.blocks.present) {
+    push(0, key_end, nullptr, 0);
+    return;
+  }
+  const BlockView& bv = P.blocks;
+  const int64_t row = bv.head_base(b, h) * bv.nbq + qb;
+  const int64_t count = bv.kv_num[row];
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t kb = bv.kv_idx[row * bv.nbk + n];
+    const int64_t lo = kb * bv.bk;
+    const int64_t hi = std::min({(kb + 1) * bv.bk, P.Lk, key_end});
+    if (lo >= hi) continue;
+    const int64_t pidx = bv.partial_index[row * bv.nbk + kb];
+    if (bv.full[row * bv.nbk + kb]) {
+      push(lo, hi, nullptr, 0);
+    } else if (pidx >= 0) {
+      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (i0 - qb * bv.bq);
+      push(lo, hi, pm, bv.bq);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------
+
+struct ForwardScratch {
+  Buffer q_t, st;
+  Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
+  Buffer part;  // one key tile's P . V, same layout
+  alignas(64) float m[kQueryTile];
+  alignas(64) float m_use[kQueryTile];
+  alignas(64) float l[kQueryTile];
+  alignas(64) float alpha[kQueryTile];
+  alignas(64) float tile_max[kQueryTile];
+  std::vector<Tile> tiles;
+  std::vector<int64_t> tile_rows;  // weights mode: row offset of each tile in st
+};
+
+// Online-softmax forward of one query tile (flash: key tiles streamed, no Lq x Lk buffer).
+void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, int64_t h,
+                        int64_t lanes) {
+  const Problem& P = F.p;
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int groups = static_cast<int>(lanes / W);
+  for (const Tile& t : s.tiles) {
+    float* st = s.st.get();
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    bool rescale = false;
+    R m_use[kMaxGroups], sum[kMaxGroups];
+    for (int g = 0; g < groups; ++g) {
+      const R m_old = Vec::load(s.m + g * W);
+      const R m_new = Vec::max(m_old, Vec::load(s.tile_max + g * W));
+      // A row that has seen no visible key keeps max -inf; use 0 so that
+      // exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
+      m_use[g] = Vec::blend(Vec::eq(m_new, Vec::set1(kNegInf)), Vec::zero(), m_new);
+      const R alpha = Vec::exp(Vec::sub(m_old, m_use[g]));
+      rescale = rescale || !Vec::mask_none(Vec::mask_not(Vec::eq(m_old, m_new)));
+      Vec::store(s.alpha + g * W, alpha);
+      Vec::store(s.m + g * W, m_new);
+      Vec::store(s.l + g * W, Vec::mul(Vec::load(s.l + g * W), alpha));
+      sum[g] = Vec::zero();
+    }
+    for (int64_t j = 0; j < t.nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+        sum[g] = Vec::add(sum[g], p);
+        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
+        Vec::store(row + g * W, p);
+      }
+    }
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
+    }
+    // O = alpha * O + P . V: P^T is read as broadcasts down its columns, V rows are
+    // the vectors, and only the tile's nq query rows are computed.
+    // The tile's P . V is summed apart, then O = alpha * O + part: float32
+    // error grows with the tile length, not with Lk.
+    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+                      P.Dv);
+    if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
+    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+  }
+}
+
+// Forward of one query tile that also returns the weights: all key tiles'
+// scores are kept (nq x Lk at most, per thread) so each weight is normalised
+// with the row's final max and sum before it is written, exactly once.
+void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, int64_t h,
+                          int64_t lanes) {
+  const Problem& P = F.p;
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int groups = static_cast<int>(lanes / W);
+  s.tile_rows.clear();
+  int64_t rows = 0;
+  for (const Tile& t : s.tiles) {
+    s.tile_rows.push_back(rows);
+    float* st = s.st.get() + rows * lanes;
+    rows += t.nk;
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(s.m + g * W,
+                 Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
+    }
+  }
+  R m_use[kMaxGroups], sum[kMaxGroups];
+  for (int g = 0; g < groups; ++g) {
+    const R m = Vec::load(s.m + g * W);
+    m_use[g] = Vec::blend(Vec::eq(m, Vec::set1(kNegInf)), Vec::zero(), m);
+    sum[g] = Vec::zero();
+  }
+  // Sums per key tile, then over tiles: float32 error grows with the tile
+  // length, not with Lk.
+  float* st_all = s.st.get();
+  for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
+    float* st = st_all + s.tile_rows[ti] * lanes;
+    R part[kMaxGroups];
+    for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+    for (int64_t j = 0; j < s.tiles[ti].nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+        part[g] = Vec::add(part[g], p);
+        Vec::store(row + g * W, p);
+      }
+    }
+    for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+  }
+  // 1 / sum per lane, 0 for rows with no visible key (their p are all 0).
+  R inv[kMaxGroups];
+  for (int g = 0; g < groups; ++g) {
+    Vec::store(s.l + g * W, sum[g]);
+    alignas(64) float tmp[W];
+    Vec::store(tmp, sum[g]);
+    for (int l = 0; l < W; ++l) tmp[l] = tmp[l] > 0.0f ? 1.0f / tmp[l] : 0.0f;
+    inv[g] = Vec::load(tmp);
+  }
+  const int64_t ld = P.Lk;
+  float* wbase = F.weights + ((b * P.Hq + h) * P.Lq) * P.Lk;
+  for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
+    const Tile& t = s.tiles[ti];
+    float* st = st_all + s.tile_rows[ti] * lanes;
+    // weights = p * Z / sum, written transposed (lane i of key row j is
+    // weights[i][j]) one W x W block at a time; p * Z stays in st for P.V,
+    // whose result is divided by the sum at the end as in flash mode.
+    for (int64_t jb = 0; jb < t.nk; jb += W) {
+      const int jn = static_cast<int>(std::min<int64_t>(W, t.nk - jb));
+      for (int g = 0; g < groups; ++g) {
+        R rows[W];
+        for (int r = 0; r < W; ++r) {
+          if (r >= jn) {
+            rows[r] = Vec::zero();
+            continue;
+          }
+          float* src = st + (jb + r) * lanes + g * W;
+          R p = Vec::load(src);
+          if (P.dropout) {
+            p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + jb + r));
+            Vec::store(src, p);
+          }
+          rows[r] = Vec::mul(p, inv[g]);
+        }
+        const int64_t valid = std::min<int64_t>(W, t.nq - g * W);
+        float* dst = wbase + (t.i0 + g * W) * ld + t.j0 + jb;
+        if (jn == W && valid == W) {
+          Vec::transpose_store(rows, dst, ld);
+        } else {
+          alignas(64) float block[W * W];
+          for (int r = 0; r < jn; ++r) Vec::store(block + r * W, rows[r]);
+          for (int64_t l = 0; l < valid; ++l) {
+            for (int r = 0; r < jn; ++r) dst[l * ld + r] = block[r * W + l];
+          }
+        }
+      }
+    }
+    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+                      P.Dv);
+    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+  }
+}
+
+void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
+  const Problem& P = F.p;
+  ForwardScratch s;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
+  s.q_t = make_buffer(P.D * kQueryTile);
+  s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
+  s.st = make_buffer(st_rows * kQueryTile);
+
+  const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
+  const int64_t total = F.num_items();
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t t_in_block = item % tpb;
+    int64_t qb = (item / tpb) % nqb;
+    const int64_t bh = item / (tpb * nqb);
+    // Causal rows get heavier with i: hand out the heavy tiles first.
+    if (P.causal) qb = nqb - 1 - qb;
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const int64_t i0 = qb * qrows + t_in_block * kQueryTile;
+    const int64_t i_end = std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
+    const int64_t nq = i_end - i0;
+    if (nq <= 0) continue;
+    const int64_t lanes = lanes_of(nq);
+
+    // Q^T tile, zero lanes beyond nq.
+    float* qt = s.q_t.get();
+    if (nq < lanes) {
+      for (int64_t d = 0; d < P.D; ++d) std::fill(qt + d * lanes + nq, qt + (d + 1) * lanes, 0.f);
+    }
+    transpose_rows(P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl, P.q_sl, nq, P.D, qt, lanes);
+    std::fill(s.m, s.m + lanes, kNegInf);
+    std::fill(s.l, s.l + lanes, 0.0f);
+    std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
+
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, s.tiles);
+    if (F.weights) {
+      forward_tile_weights(F, s, b, h, lanes);
+    } else {
+      forward_tile_flash(F, s, b, h, lanes);
+    }
+
+    // out = O / l; lse = m + log(l), +inf for rows with no visible key.
+    const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
+    alignas(64) float inv[kQueryTile];
+    for (int64_t i = 0; i < nq; ++i) {
+      const float l = s.l[i];
+      inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
+      F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
+    }
+    scale_rows(s.o.get(), P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------
+
+void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
+  const Problem& P = G.p;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const float* q = P.q + b * P.q_sb + h * P.q_sh;
+    const float* dout = G.dout + b * G.do_sb + h * G.do_sh;
+    const float* out = G.out + b * G.o_sb + h * G.o_sh;
+    float* qt = G.q_t + bh * P.D * G.lq_pad;
+    float* dot = G.do_t + bh * P.Dv * G.lq_pad;
+    for (int64_t d = 0; d < P.D; ++d) std::fill(qt + d * G.lq_pad + P.Lq, qt + (d + 1) * G.lq_pad, 0.f);
+    for (int64_t d = 0; d < P.Dv; ++d) {
+      std::fill(dot + d * G.lq_pad + P.Lq, dot + (d + 1) * G.lq_pad, 0.f);
+    }
+    transpose_rows(q, P.q_sl, P.Lq, P.D, qt, G.lq_pad);
+    transpose_rows(dout, G.do_sl, P.Lq, P.Dv, dot, G.lq_pad);
+    for (int64_t i = 0; i < P.Lq; ++i) {
+      const float* gi = dout + i * G.do_sl;
+      const float* oi = out + i * G.o_sl;
+      // The same fused multiply-add chain as the dP GEMM: when O equals a row of V
+      // (a single visible key) dP - delta is then exactly 0, as in exact arithmetic.
+      float delta = 0.0f;
+      for (int64_t d = 0; d < P.Dv; ++d) delta = Vec::fma1(gi[d], oi[d], delta);
+      G.delta[bh * P.Lq + i] = delta;
+    }
+  }
+}
+
+struct BackwardScratch {
+  Buffer st, pd, dp, z;
+  Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
+  alignas(64) float lse[kQueryTile];
+  alignas(64) float delta[kQueryTile];
+  std::vector<Tile> tiles;
+};
+
+// Query tiles of head (b, h) that see key rows [j0, j0 + nk) (key block kb).
+inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t kb, int64_t j0,
+                                int64_t nk, std::vector<Tile>& tiles) {
+  tiles.clear();
+  // Query rows [row0, hi) in tiles of kQueryTile from row0; `partial` (if any) is
+  // the block's mask at its row for key j0, lanes counted from row0.
+  auto push = [&](int64_t row0, int64_t hi, const uint8_t* partial, int64_t ld) {
+    int64_t first = row0;
+    // Causal: queries before j0 see none of these keys; skip their whole tiles.
+    if (P.causal && j0 > row0) first = row0 + (j0 - row0) / kQueryTile * kQueryTile;
+    for (int64_t i0 = first; i0 < hi; i0 += kQueryTile) {
+      Tile t;
+      t.i0 = i0;
+      t.nq = std::min(kQueryTile, hi - i0);
+      t.j0 = j0;
+      t.nk = nk;
+      if (P.causal && j0 > i0 + t.nq - 1) continue;
+      t.causal_cut = P.causal && j0 + nk - 1 > i0;
+      if (partial) {
+        t.partial = partial + (i0 - row0);
+        t.partial_ld = ld;
+      }
+      tiles.push_back(t);
+    }
+  };
+  if (!P.blocks.present) {
+    push(0, P.Lq, nullptr, 0);
+    return;
+  }
+  const BlockView& bv = P.blocks;
+  const int64_t base = bv.head_base(b, h);
+  const int64_t col = base * bv.nbk + kb;
+  const int64_t count = bv.q_num[col];
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t qb = bv.q_idx[col * bv.nbq + n];
+    const int64_t lo = qb * bv.bq;
+    const int64_t hi = std::min((qb + 1) * bv.bq, P.Lq);
+    const int64_t cell = (base * bv.nbq + qb) * bv.nbk + kb;
+    const int64_t pidx = bv.partial_index[cell];
+    if (bv.full[cell]) {
+      push(lo, hi, nullptr, 0);
+    } else if (pidx >= 0) {
+      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (j0 - kb * bv.bk) * bv.bq;
+      push(lo, hi, pm, bv.bq);
+    }
+  }
+}
+
+void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
+                   const Tile& t, float* dq, float* dk, float* dv) {
+  const Problem& P = G.p;
+  const int64_t hk = h / P.group();
+  const int64_t bh = b * P.Hq + h;
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int64_t lanes = lanes_of(t.nq);
+  const int groups = static_cast<int>(lanes / W);
+
+  for (int64_t i = 0; i < lanes; ++i) {
+    const bool valid = i < t.nq;
+    s.lse[i] = valid ? G.lse[bh * P.Lq + t.i0 + i] : kPosInf;
+    s.delta[i] = valid ? G.delta[bh * P.Lq + t.i0 + i] : 0.0f;
+  }
+  // P = exp(scale * S - lse): 0 for rows with no visible key (lse = +inf).
+  float* st = s.st.get();
+  const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
+  if (!tile_needs_mask(P, t)) {
+    Epilogue probs;
+    probs.scale = P.scale;
+    probs.lane = s.lse;
+    gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
+                               lanes, probs);
+  } else {
+    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, st, nullptr);
+    for (int64_t j = 0; j < t.nk; ++j) {
+      float* row = st + j * lanes;
+      for (int g = 0; g < groups; ++g) {
+        Vec::store(row + g * W,
+                   Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W))));
+      }
+    }
+  }
+  // Dropout: Z regenerated from the seed, Pd = P * Z is what multiplied V.
+  float* pd = P.dropout ? s.pd.get() : st;
+  float* z = P.dropout ? s.z.get() : nullptr;
+  if (P.dropout) {
+    for (int64_t j = 0; j < t.nk; ++j) {
+      for (int g = 0; g < groups; ++g) {
+        const int64_t o = j * lanes + g * W;
+        const R zf = dropout_factor(P, b, h, t.i0, g, t.j0 + j);
+        Vec::store(z + o, zf);
+        Vec::store(pd + o, Vec::mul(Vec::load(st + o), zf));
+      }
+    }
+  }
+  const float* dout = G.dout + b * G.do_sb + h * G.do_sh + t.i0 * G.do_sl;
+  // dV[j] += sum_i Pd[j][i] dO[i]. Each tile's contribution is summed apart and
+  // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
+  float* part = s.part.get();
+  gemm<false, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
+  add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
+  // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
+  // (scale applied once here for both dQ and dK).
+  float* dp = s.dp.get();
+  Epilogue dscores;
+  dscores.scale = P.scale;
+  dscores.lane = s.delta;
+  dscores.p = st;
+  dscores.z = z;
+  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
+                               G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
+                               dscores);
+  // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
+  gemm<false, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+                     P.q_sl, part, P.D);
+  add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
+  gemm<false, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
+  add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
+}
+
+void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
+  const Problem& P = G.p;
+  BackwardScratch s;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
+  s.st = make_buffer(key_tile * kQueryTile);
+  s.dp = make_buffer(key_tile * kQueryTile);
+  s.part = make_buffer(std::max(key_tile, kQueryTile) * std::max<int64_t>({P.D, P.Dv, 1}));
+  if (P.dropout) {
+    s.pd = make_buffer(key_tile * kQueryTile);
+    s.z = make_buffer(key_tile * kQueryTile);
+  }
+  const int64_t units = G.key_units(), per_chunk = G.units_per_chunk();
+  const int64_t total = G.num_items();
+  const int64_t unit_rows = P.blocks.present ? P.blocks.bk : kKeyTileBwd;
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t chunk = item % G.num_chunks;
+    const int64_t bhk = item / G.num_chunks;
+    const int64_t b = bhk / P.Hkv, hk = bhk % P.Hkv;
+    float* dq = G.dq + chunk * P.B * P.Hq * P.Lq * P.D;
+    float* dk = G.dk + bhk * P.Lk * P.D;
+    float* dv = G.dv + bhk * P.Lk * P.Dv;
+    const int64_t u_end = std::min(units, (chunk + 1) * per_chunk);
+    for (int64_t u = chunk * per_chunk; u < u_end; ++u) {
+      const int64_t lo = u * unit_rows, hi = std::min((u + 1) * unit_rows, P.Lk);
+      for (int64_t j0 = lo; j0 < hi; j0 += key_tile) {
+        const int64_t nk = std::min(key_tile, hi - j0);
+        for (int64_t g = 0; g < P.group(); ++g) {
+          const int64_t h = hk * P.group() + g;
+          collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
+          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, dq, dk, dv);
+        }
+      }
+    }
+  }
+}
+
+const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_worker};

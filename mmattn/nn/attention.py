@@ -1,0 +1,451 @@
+"""Drop-in attention modules: they hold parameters and call :func:`mmattn.cross_attention`.
+
+* :class:`MultiheadAttention` replaces ``torch.nn.MultiheadAttention`` (same
+  constructor, parameters, initialisation, forward and outputs);
+* :class:`CrossModalAttention` replaces the ``CrossModalAttention`` of seed 000
+  (``q_proj``/``k_proj``/``v_proj``/``out_proj``, ``mask == 0`` hides a key);
+* :class:`BlockSparseAttention` replaces the ``SparseAttention`` of seed 004
+  (random block mask per call, or a fixed :class:`mmattn.BlockMask`).
+
+The one documented difference from the modules they replace: a query row that sees
+no key (every key masked) returns 0 (weights 0, gradients 0), where PyTorch returns
+NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmattn.attention import cross_attention
+from mmattn.block_mask import BlockMask
+
+__all__ = ["BlockSparseAttention", "CrossModalAttention", "MultiheadAttention"]
+
+
+def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
+    """``(B, L, E)`` (``batch_first``) or ``(L, B, E)`` -> a ``(B, H, L, E // H)`` view.
+
+    No copy: the kernels accept any strides.
+    """
+    x = x.unflatten(-1, (num_heads, -1))
+    return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)
+
+
+def _compile_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous q, k, v while ``torch.compile`` traces, strided views in eager mode.
+
+    Workaround: the fake (tracing) kernel of ``mmattn::attention_backward`` promises
+    gradients laid out like ``torch.empty_like(q)``, while the kernels return
+    contiguous ones; with strided inputs the traced backward then ``view``s a
+    gradient whose real strides do not allow it. Remove once the two agree.
+    """
+    if torch.compiler.is_compiling():
+        return q.contiguous(), k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def _append_key(x: Tensor, extra: Tensor, batch_first: bool) -> Tensor:
+    """Append one key position ``extra`` (broadcast to ``(B, 1, E)``) to ``x``."""
+    if batch_first:
+        return torch.cat([x, extra.reshape(1, 1, -1).expand(x.shape[0], 1, -1)], dim=1)
+    return torch.cat([x, extra.reshape(1, 1, -1).expand(1, x.shape[1], -1)], dim=0)
+
+
+def _check_mask_dtype(mask: Tensor, name: str) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask in PyTorch's MHA convention (True = hidden) as an additive float mask."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    r"""``torch.nn.MultiheadAttention`` computed by :func:`mmattn.cross_attention`.
+
+    A subclass of ``torch.nn.MultiheadAttention``: the constructor, parameter names,
+    shapes and initialisation are PyTorch's own (so ``load_state_dict`` works both
+    ways, and one seed gives the same initial weights), and ``isinstance`` checks in
+    user code and in PyTorch keep holding. Only :meth:`forward` is replaced.
+
+    Args (as PyTorch): ``embed_dim``, ``num_heads``, ``dropout`` (probability of
+    dropping an attention weight in training), ``bias``, ``add_bias_kv``,
+    ``add_zero_attn``, ``kdim``, ``vdim``, ``batch_first``, ``device``, ``dtype``.
+
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` keep their inference
+    fast path (eval mode, no autograd, ``batch_first``): it reads this module's
+    weights and runs PyTorch's fused kernel, giving PyTorch's result. Training,
+    autograd and every other use run mmattn. ``torch.backends.mha.set_fastpath_enabled(False)``
+    routes the fast-path cases through mmattn too.
+
+    Documented differences: a query row with every key masked gives 0 (PyTorch: NaN);
+    invalid arguments raise ``ValueError``/``TypeError`` naming the argument (PyTorch:
+    ``AssertionError``/``RuntimeError``); the extra ``block_mask`` keyword.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        block_mask: BlockMask | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        r"""Attention of ``query`` over ``key``/``value``, as ``torch.nn.MultiheadAttention``.
+
+        Args:
+            query: ``(L, E)`` unbatched, ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``.
+            key: ``(S, kdim)``, ``(S, N, kdim)`` or ``(N, S, kdim)``, floating point.
+            value: ``(S, vdim)``, ``(S, N, vdim)`` or ``(N, S, vdim)``.
+            key_padding_mask: ``(N, S)`` (``(S,)`` unbatched); bool True = padding
+                (ignored key), or float added to the scores.
+            need_weights: also return the attention weights (after dropout).
+            attn_mask: ``(L, S)`` or ``(N * num_heads, L, S)``; bool **True = NOT
+                allowed** (PyTorch's MHA convention, the opposite of
+                ``F.scaled_dot_product_attention``), or float added to the scores.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: PyTorch's hint that ``attn_mask`` is the causal mask: it
+                needs ``attn_mask``; with ``need_weights=False`` and no
+                ``key_padding_mask`` a top-left causal mask is applied instead of
+                ``attn_mask``, otherwise ``attn_mask`` is applied (PyTorch 2.13).
+            block_mask: an :class:`mmattn.BlockMask` over ``(L, S)`` (``True`` = may
+                attend), combined with the other masks (mmattn extension; not with
+                ``add_bias_kv``/``add_zero_attn``).
+
+        Returns:
+            ``(attn_output, attn_weights)``: output ``(L, E)``, ``(L, N, E)`` or
+            ``(N, L, E)`` like ``query``; weights ``(N, L, S')`` averaged or
+            ``(N, num_heads, L, S')`` per head (no ``N`` when unbatched), with
+            ``S' = S`` plus one key each for ``add_bias_kv`` and ``add_zero_attn``;
+            ``None`` when ``need_weights`` is False.
+
+        Rows in which every key is masked give 0 output and 0 weights (PyTorch: NaN).
+        """
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape "
+                             f"{tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"key and value must have query's number of dimensions "
+                             f"({query.dim()}), got {key.dim()} and {value.dim()}")
+        batch_first = self.batch_first
+        if not batched:  # one batch element, laid out batch-first
+            same_kv = key is value
+            same_qk = query is key
+            query = query.unsqueeze(0)
+            key = query if same_qk else key.unsqueeze(0)
+            value = key if same_kv else value.unsqueeze(0)
+            batch_first = True
+            if key_padding_mask is not None:
+                _check_mask_dtype(key_padding_mask, "key_padding_mask")
+                if key_padding_mask.dim() != 1:
+                    raise ValueError(f"key_padding_mask must be 1-D (S,) for unbatched "
+                                     f"input, got shape {tuple(key_padding_mask.shape)}")
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if batch_first:
+            batch, tgt_len, embed_dim = query.shape
+            src_len = key.shape[1]
+        else:
+            tgt_len, batch, embed_dim = query.shape
+            src_len = key.shape[0]
+        if embed_dim != self.embed_dim:
+            raise ValueError(f"query's embedding size must be embed_dim={self.embed_dim}, "
+                             f"got {embed_dim}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must have the same batch and sequence sizes, "
+                             f"got shapes {tuple(key.shape)} and {tuple(value.shape)}")
+        key_batch = key.shape[0] if batch_first else key.shape[1]
+        if key_batch != batch:
+            raise ValueError(f"query and key batch sizes differ: {batch} and {key_batch}")
+        num_heads = self.num_heads
+
+        # Masks, in mmattn's convention: bool True = may attend, float added.
+        if attn_mask is not None:
+            _check_mask_dtype(attn_mask, "attn_mask")
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (tgt_len, src_len):
+                    raise ValueError(f"2-D attn_mask must have shape (L, S) = "
+                                     f"{(tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+            elif attn_mask.dim() == 3:
+                if tuple(attn_mask.shape) != (batch * num_heads, tgt_len, src_len):
+                    raise ValueError(f"3-D attn_mask must have shape (N * num_heads, L, S) = "
+                                     f"{(batch * num_heads, tgt_len, src_len)}, got "
+                                     f"{tuple(attn_mask.shape)}")
+                attn_mask = attn_mask.view(batch, num_heads, tgt_len, src_len)
+            else:
+                raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), "
+                                 f"got shape {tuple(attn_mask.shape)}")
+        elif is_causal:
+            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask and "
+                             "needs attn_mask (as torch.nn.MultiheadAttention); pass the "
+                             "mask, e.g. nn.Transformer.generate_square_subsequent_mask(L)")
+        if key_padding_mask is not None:
+            _check_mask_dtype(key_padding_mask, "key_padding_mask")
+            if tuple(key_padding_mask.shape) != (batch, src_len):
+                raise ValueError(f"key_padding_mask must have shape (N, S) = {(batch, src_len)}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
+        if key_padding_mask is not None and key_padding_mask.is_floating_point():
+            # A float padding mask is added to the scores: fold it into a float attn_mask.
+            pad = key_padding_mask.view(batch, 1, 1, src_len)
+            attn_mask = pad if attn_mask is None else _additive(attn_mask, pad.dtype) + pad
+            key_padding_mask = None
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask
+
+        q, k, v = self._project(query, key, value, batch_first)
+        if self.bias_k is not None or self.add_zero_attn:
+            if block_mask is not None:
+                raise ValueError("block_mask cannot be combined with add_bias_kv or "
+                                 "add_zero_attn (they append keys the block mask does not "
+                                 "cover)")
+            k, v, attn_mask, key_padding_mask = self._extra_keys(
+                k, v, attn_mask, key_padding_mask, batch_first)
+
+        dropout_p = self.dropout if self.training else 0.0
+        q, k, v = _compile_safe(_heads(q, num_heads, batch_first),
+                                _heads(k, num_heads, batch_first),
+                                _heads(v, num_heads, batch_first))
+        result = cross_attention(
+            q, k, v, attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask, block_mask=block_mask, is_causal=use_causal,
+            dropout_p=dropout_p, return_weights=need_weights,
+        )
+        out, weights = result if need_weights else (result, None)
+        # (B, H, L, D) -> the caller's layout, then the output projection.
+        if batch_first:
+            out = out.transpose(1, 2).reshape(batch, tgt_len, embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch, embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            out = out.squeeze(0)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor,
+                 batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections; one fused GEMM for self-attention, one for shared key/value."""
+        embed_dim = self.embed_dim
+        bias = self.in_proj_bias
+        if self._qkv_same_embed_dim:
+            weight = self.in_proj_weight
+            if query is key and key is value:
+                qkv = F.linear(query, weight, bias).unflatten(-1, (3, embed_dim))
+                return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+            w_q, w_kv = weight[:embed_dim], weight[embed_dim:]
+            b_q, b_kv = (None, None) if bias is None else (bias[:embed_dim], bias[embed_dim:])
+            q = F.linear(query, w_q, b_q)
+            if key is value:
+                kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, embed_dim))
+                return q, kv[..., 0, :], kv[..., 1, :]
+            w_k, w_v = w_kv[:embed_dim], w_kv[embed_dim:]
+            b_k, b_v = (None, None) if b_kv is None else (b_kv[:embed_dim], b_kv[embed_dim:])
+            return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+        return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
+                F.linear(value, self.v_proj_weight, b_v))
+
+    def _extra_keys(self, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                    key_padding_mask: Tensor | None, batch_first: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Append the learned ``bias_k``/``bias_v`` key and the all-zero key (visible)."""
+        extra = 0
+        if self.bias_k is not None and self.bias_v is not None:
+            k = _append_key(k, self.bias_k, batch_first)
+            v = _append_key(v, self.bias_v, batch_first)
+            extra += 1
+        if self.add_zero_attn:
+            k = _append_key(k, k.new_zeros(k.shape[-1]), batch_first)
+            v = _append_key(v, v.new_zeros(v.shape[-1]), batch_first)
+            extra += 1
+        if attn_mask is not None:  # the appended keys are visible: True, or 0 added
+            fill = attn_mask.new_full((*attn_mask.shape[:-1], extra),
+                                      attn_mask.dtype == torch.bool)
+            attn_mask = torch.cat([attn_mask, fill], dim=-1)
+        if key_padding_mask is not None:  # ... and not padding
+            fill = key_padding_mask.new_zeros((key_padding_mask.shape[0], extra))
+            key_padding_mask = torch.cat([key_padding_mask, fill], dim=-1)
+        return k, v, attn_mask, key_padding_mask
+
+
+class CrossModalAttention(nn.Module):
+    r"""Seed 000's ``CrossModalAttention``, computed by :func:`mmattn.cross_attention`.
+
+    Same constructor, parameter names (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``; ``dropout`` an ``nn.Dropout`` on the weights; ``scale`` =
+    ``sqrt(head_dim)``, the divisor of the scores) and forward as the seed, so its
+    ``state_dict`` loads unchanged.
+
+    Args:
+        query_dim: E, the query features and the model width; divisible by ``num_heads``.
+        key_dim: features of ``key``. value_dim: features of ``value``.
+        num_heads: attention heads. dropout: probability of dropping a weight (training).
+        need_weights: default of ``forward(need_weights=)``; False skips computing the
+            ``(B, H, Lq, Lk)`` weights (the fused kernels never form them).
+        bias: projections with bias (the seed: always True).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, value_dim: int, num_heads: int,
+                 dropout: float = 0.1, *, need_weights: bool = True, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        if num_heads <= 0 or query_dim <= 0 or query_dim % num_heads != 0:
+            raise ValueError(f"query_dim ({query_dim}) must be a positive multiple of "
+                             f"num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = query_dim // num_heads
+        self.q_proj = nn.Linear(query_dim, query_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(key_dim, query_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(value_dim, query_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(query_dim, query_dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = math.sqrt(self.head_dim)
+        self.need_weights = need_weights
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
+                *, need_weights: bool | None = None, block_mask: BlockMask | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+        r"""Cross-modal attention of ``query`` over ``key``/``value``.
+
+        Args:
+            query: ``(B, Lq, query_dim)``; key: ``(B, Lk, key_dim)``; value:
+                ``(B, Lk, value_dim)``; floating point, one dtype.
+            mask: any dtype, broadcastable to ``(B, num_heads, Lq, Lk)``; entries
+                equal to 0 hide the key (the seed's ``mask == 0``).
+            need_weights: return the weights; None uses the constructor's setting.
+            block_mask: an :class:`mmattn.BlockMask` over ``(Lq, Lk)``, combined
+                with ``mask`` (mmattn extension).
+
+        Returns:
+            ``(output (B, Lq, query_dim), weights (B, num_heads, Lq, Lk) after dropout)``,
+            weights None when not needed. Rows with every key masked give 0 (seed: NaN).
+        """
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(f"query, key and value must be 3-D (B, L, features), got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        want_weights = self.need_weights if need_weights is None else need_weights
+        attn_mask = None
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+            target = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+            try:
+                fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                                 f"(B, num_heads, Lq, Lk) = {target}")
+            attn_mask = mask != 0
+        heads = self.num_heads
+        q = self.q_proj(query).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = self.k_proj(key).unflatten(-1, (heads, -1)).transpose(1, 2)
+        v = self.v_proj(value).unflatten(-1, (heads, -1)).transpose(1, 2)
+        q, k, v = _compile_safe(q, k, v)
+        dropout_p = self.dropout.p if self.training else 0.0
+        result = cross_attention(q, k, v, attn_mask=attn_mask, block_mask=block_mask,
+                                 dropout_p=dropout_p, scale=1.0 / self.scale,
+                                 return_weights=want_weights)
+        context, weights = result if want_weights else (result, None)
+        context = context.transpose(1, 2).flatten(2)
+        return self.out_proj(context), weights
+
+
+class BlockSparseAttention(nn.Module):
+    r"""Seed 004's ``SparseAttention``, computed by :func:`mmattn.cross_attention`.
+
+    Without a fixed mask it behaves as the seed: each call draws a fresh random block
+    layout, ``torch.rand(nbq, nbk) > sparsity_factor`` from torch's global generator (or
+    ``generator``), so after the same ``torch.manual_seed`` it keeps exactly the
+    seed's blocks. With ``block_mask`` (here or per call) the layout is fixed, e.g.
+    ``BlockMask.modality(...)`` or ``BlockMask.local_window(...)``; the kernels skip
+    its empty blocks.
+
+    Args:
+        block_size: block edge for the random layout (the seed's ``block_size``).
+        sparsity_factor: a block is kept iff its uniform draw exceeds this (the seed's).
+        block_mask: a fixed :class:`mmattn.BlockMask` over ``(Lq, Lk)`` used instead of
+            random layouts.
+        generator: the ``torch.Generator`` random layouts draw from; None = global.
+    """
+
+    def __init__(self, block_size: int = 64, sparsity_factor: float = 0.8, *,
+                 block_mask: BlockMask | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(sparsity_factor, (int, float)) or not 0.0 <= sparsity_factor <= 1.0:
+            raise ValueError(f"sparsity_factor must be in [0, 1], got {sparsity_factor!r}")
+        if block_mask is not None and not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be an mmattn.BlockMask or None, got "
+                            f"{type(block_mask).__name__}")
+        self.block_size = block_size
+        self.sparsity_factor = sparsity_factor
+        self.block_mask = block_mask
+        self.generator = generator
+
+    def create_block_mask(self, query_length: int, key_length: int) -> BlockMask:
+        """A fresh random layout over ``(query_length, key_length)`` (the seed's rule;
+        lengths that are not multiples of ``block_size`` get a partial last block)."""
+        return BlockMask.random((query_length, key_length), self.block_size,
+                                self.sparsity_factor, generator=self.generator)
+
+    def create_sparse_mask(self, seq_length: int) -> Tensor:
+        """The seed's method: a dense bool ``(L, L)`` mask (True = may attend)."""
+        return self.create_block_mask(seq_length, seq_length).to_dense()[0, 0]
+
+    def forward(self, Q: Tensor, K: Tensor, V: Tensor, *,  # the seed's argument names
+                block_mask: BlockMask | None = None) -> Tensor:
+        r"""Block-sparse attention of ``Q`` over ``K``/``V``, scale ``1/sqrt(D)``.
+
+        Args:
+            Q: ``(B, Lq, D)`` as the seed, or ``(B, H, Lq, D)``.
+            K: ``(B, Lk, D)`` / ``(B, H, Lk, D)``; V: ``(B, Lk, Dv)`` / ``(B, H, Lk, Dv)``.
+            block_mask: a :class:`mmattn.BlockMask` over ``(Lq, Lk)`` for this call;
+                default the constructor's, else a fresh random one.
+
+        Returns:
+            ``(B, Lq, Dv)`` (or ``(B, H, Lq, Dv)``). Query rows whose blocks are all
+            dropped return 0 (the seed: NaN).
+        """
+        if Q.dim() not in (3, 4) or K.dim() != Q.dim() or V.dim() != Q.dim():
+            raise ValueError(f"Q, K and V must all be 3-D (B, L, D) or all 4-D (B, H, L, D), "
+                             f"got shapes {tuple(Q.shape)}, {tuple(K.shape)}, "
+                             f"{tuple(V.shape)}")
+        mask = block_mask if block_mask is not None else self.block_mask
+        lengths = (Q.shape[-2], K.shape[-2])
+        if mask is None:
+            mask = self.create_block_mask(*lengths)
+        elif not isinstance(mask, BlockMask):
+            raise TypeError(f"block_mask must be an mmattn.BlockMask, got {type(mask).__name__}")
+        elif tuple(mask.seq_lengths) != lengths:
+            raise ValueError(f"block_mask covers (Lq, Lk) = {tuple(mask.seq_lengths)}, the "
+                             f"inputs have {lengths}")
+        heads_added = Q.dim() == 3
+        if heads_added:
+            Q, K, V = Q.unsqueeze(1), K.unsqueeze(1), V.unsqueeze(1)
+        out = cross_attention(Q, K, V, block_mask=mask.to(Q.device))
+        return out.squeeze(1) if heads_added else out
