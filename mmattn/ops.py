@@ -442,7 +442,9 @@ def ws_linear_apply(
             transpose_perm, out_features, block_size, bias, backend)
     index = (crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
              transpose_perm)
-    if _needs_grad(x, values, bias):
+    # _needs_grad spelled out: its generator costs a microsecond at seed sizes
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
         return _EagerWSLinear.apply(x, values, bias, (index, out_features, block_size, backend))
     return WS_LINEAR_FORWARD[backend](x, values, *index, out_features, block_size, bias)
 
