@@ -14,8 +14,14 @@ if os.environ.get("TRITON_INTERPRET") is None:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# examples/seed_models.py holds the seed documents' classes verbatim: the oracles.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 HAS_CUDA = torch.cuda.is_available()
 

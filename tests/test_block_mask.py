@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import seed_models
 import torch
 
 import mmattn
@@ -134,32 +135,10 @@ def test_random_follows_the_seed004_rule(lengths, blocks, sparsity):
     assert torch.equal(BlockMask.random(lengths, blocks, sparsity, seed=5).layout, mask.layout)
 
 
-class Seed004SparseAttention(torch.nn.Module):
-    """Seed 004's SparseAttention, verbatim apart from this docstring and the name."""
-
-    def __init__(self, block_size=64, sparsity_factor=0.8):
-        super().__init__()
-        self.block_size = block_size
-        self.sparsity_factor = sparsity_factor
-
-    def create_sparse_mask(self, seq_length):
-        num_blocks = seq_length // self.block_size
-        mask = torch.rand(num_blocks, num_blocks) > self.sparsity_factor
-        return mask.repeat_interleave(self.block_size, dim=0).repeat_interleave(
-            self.block_size, dim=1)
-
-    def forward(self, Q, K, V):
-        attention_mask = self.create_sparse_mask(Q.size(1))
-        scores = torch.matmul(Q, K.transpose(-2, -1)) / math.sqrt(K.size(-1))
-        scores.masked_fill_(~attention_mask, float("-inf"))
-        attention_weights = torch.softmax(scores, dim=-1)
-        return torch.matmul(attention_weights, V)
-
-
 @pytest.mark.parametrize(("length", "block", "sparsity"), [(256, 64, 0.8), (512, 32, 0.5),
                                                            (128, 16, 0.9)])
 def test_random_reproduces_seed004_draw(length, block, sparsity):
-    seed_module = Seed004SparseAttention(block, sparsity)
+    seed_module = seed_models.SparseAttention(block, sparsity)
     torch.manual_seed(123)
     seed_mask = seed_module.create_sparse_mask(length)
     torch.manual_seed(123)  # the global generator, as the seed module uses it
@@ -177,7 +156,7 @@ def test_random_matches_seed004_attention_where_rows_are_visible():
     length, block, heads = 128, 16, 2
     q, k, v = (torch.randn(heads, length, 8, dtype=torch.float64) for _ in range(3))
     torch.manual_seed(4)
-    seed_out = Seed004SparseAttention(block, 0.8)(q, k, v)
+    seed_out = seed_models.SparseAttention(block, 0.8)(q, k, v)
     torch.manual_seed(4)
     mask = BlockMask.random(length, block, 0.8)
     ours = mmattn.cross_attention(q[None], k[None], v[None], block_mask=mask,

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
+import seed_models
 import torch
 from torch import nn
 
 import mmattn
 from mmattn.nn import CrossModalAttention, MultiheadAttention
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import seed_models
 
 
 def _transformer(batch_first: bool) -> nn.Transformer:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import seed_models
 import torch
 
 import mmattn
 from mmattn import BlockMask
 from mmattn.nn import BlockSparseAttention
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import seed_models
 
 B, L, D, BLOCK = 2, 128, 8, 16  # 8 x 8 blocks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import seed_models
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,44 +172,9 @@ def test_matches_multihead_attention_math():
     torch.testing.assert_close(w, expected_w)
 
 
-class SeedCrossModalAttention(nn.Module):
-    """Seed 000's CrossModalAttention, verbatim but for imports: the oracle."""
-
-    def __init__(self, query_dim: int, key_dim: int, value_dim: int, num_heads: int,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = query_dim // num_heads
-        self.q_proj = nn.Linear(query_dim, query_dim)
-        self.k_proj = nn.Linear(key_dim, query_dim)
-        self.v_proj = nn.Linear(value_dim, query_dim)
-        self.out_proj = nn.Linear(query_dim, query_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = math.sqrt(self.head_dim)
-
-    def forward(self, query, key, value, mask: torch.Tensor | None = None):
-        batch_size = query.size(0)
-        q = self.q_proj(query)
-        k = self.k_proj(key)
-        v = self.v_proj(value)
-        q = q.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale
-        if mask is not None:
-            scores = scores.masked_fill(mask == 0, float("-inf"))
-        attention_weights = F.softmax(scores, dim=-1)
-        attention_weights = self.dropout(attention_weights)
-        context = torch.matmul(attention_weights, v)
-        context = context.transpose(1, 2).contiguous().view(
-            batch_size, -1, self.num_heads * self.head_dim)
-        output = self.out_proj(context)
-        return output, attention_weights
-
-
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_matches_seed_cross_modal_attention(with_mask):
-    seed = SeedCrossModalAttention(24, 10, 14, num_heads=3).double().eval()
+    seed = seed_models.CrossModalAttention(24, 10, 14, num_heads=3).double().eval()
     query = torch.randn(2, 6, 24, dtype=F64, requires_grad=True)
     key = torch.randn(2, 11, 10, dtype=F64)
     value = torch.randn(2, 11, 14, dtype=F64)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import networkx as nx
 import pytest
+import seed_models
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,56 +16,9 @@ from mmattn.nn import WSLinear, WSMultiModalFusion
 F64 = torch.float64
 
 
-# ---- seed 002, verbatim (networkx is a test-only dependency) -------------------------------
-
-def create_ws_cross_modal_mask(n_modalities, features_per_modality, k=4, beta=0.3):
-    """
-    Create a Watts-Strogatz connectivity pattern between modality features.
-    """
-    total_features = n_modalities * features_per_modality
-
-    # Create WS graph
-    G = nx.watts_strogatz_graph(total_features, k, beta, seed=42)
-    adj = nx.to_numpy_array(G)
-
-    return torch.FloatTensor(adj)
-
-
-class SeedWSMultiModalFusion(nn.Module):
-    """Multi-modal fusion using Watts-Strogatz connectivity."""
-    def __init__(self, n_modalities=3, features_per_modality=64, k=4, beta=0.3):
-        super().__init__()
-        total = n_modalities * features_per_modality
-
-        # Learnable weights
-        self.weight = nn.Parameter(torch.randn(total, total) * 0.01)
-
-        # WS connectivity mask
-        mask = create_ws_cross_modal_mask(n_modalities, features_per_modality, k, beta)
-        self.register_buffer('mask', mask)
-
-        self.n_modalities = n_modalities
-        self.features_per_modality = features_per_modality
-
-    def forward(self, features):
-        # features: list of [batch, features_per_modality] tensors
-        concat = torch.cat(features, dim=-1)  # [batch, total]
-
-        # Apply sparse WS connectivity
-        masked_weight = self.weight * self.mask
-        output = F.linear(concat, masked_weight)
-
-        return output
-
-    def get_sparsity(self):
-        return 1 - (self.mask.sum() / self.mask.numel()).item()
-
-
-# ---- WSMultiModalFusion against the seed ------------------------------------------------
-
 def _pair(k=6, beta=0.3, n_modalities=3, features=64):
     torch.manual_seed(123)
-    seed = SeedWSMultiModalFusion(n_modalities, features, k, beta)
+    seed = seed_models.WSMultiModalFusion(n_modalities, features, k, beta)
     torch.manual_seed(123)
     ours = WSMultiModalFusion(n_modalities, features, k, beta)
     return seed, ours
@@ -107,14 +60,14 @@ def test_forward_and_gradients_match_the_seed():
 
 def test_loads_the_seed_state_dict_and_exports_one_it_loads():
     torch.manual_seed(5)
-    seed = SeedWSMultiModalFusion(3, 64, 6, 0.3)
+    seed = seed_models.WSMultiModalFusion(3, 64, 6, 0.3)
     ours = WSMultiModalFusion(3, 64, 6, 0.3)
     result = ours.load_state_dict(seed.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(ours.weight.detach(), seed.weight.detach()[seed.mask.bool()])
     feats = [torch.randn(5, 64) for _ in range(3)]
     torch.testing.assert_close(ours(feats), seed(feats))
-    back = SeedWSMultiModalFusion(3, 64, 6, 0.3)
+    back = seed_models.WSMultiModalFusion(3, 64, 6, 0.3)
     back.load_state_dict(ours.dense_state_dict())
     torch.testing.assert_close(back(feats), seed(feats))
     assert set(ours.state_dict()) == {"weight", "crow_indices", "col_indices"}
@@ -122,23 +75,23 @@ def test_loads_the_seed_state_dict_and_exports_one_it_loads():
 
 def test_from_seed_converts_an_instance_and_mmattn_convert_round_trips():
     torch.manual_seed(2)
-    seed = SeedWSMultiModalFusion(3, 16, 4, 0.3)
+    seed = seed_models.WSMultiModalFusion(3, 16, 4, 0.3)
     ours = WSMultiModalFusion.from_seed(seed)
     feats = [torch.randn(4, 16) for _ in range(3)]
     torch.testing.assert_close(ours(feats), seed(feats))
     assert torch.equal(ours.mask, seed.mask) and ours.k is None
-    model = nn.Sequential(SeedWSMultiModalFusion(3, 16, 4, 0.3))
+    model = nn.Sequential(seed_models.WSMultiModalFusion(3, 16, 4, 0.3))
     model[0].load_state_dict(seed.state_dict())
     assert [s.to_type for s in mmattn.convert(model)] == ["mmattn.nn.WSMultiModalFusion"]
     torch.testing.assert_close(model[0](feats), seed(feats))
-    assert len(mmattn.revert(model)) == 1 and type(model[0]) is SeedWSMultiModalFusion
+    assert len(mmattn.revert(model)) == 1 and type(model[0]) is seed_models.WSMultiModalFusion
     torch.testing.assert_close(model[0](feats), seed(feats))
     with pytest.raises(ValueError, match="square dense"):
         WSMultiModalFusion.from_seed(nn.Linear(4, 4))
 
 
 def test_loading_a_seed_state_dict_with_another_mask_fails_clearly():
-    seed = SeedWSMultiModalFusion(3, 64, 4, 0.3)
+    seed = seed_models.WSMultiModalFusion(3, 64, 4, 0.3)
     ours = WSMultiModalFusion(3, 64, 6, 0.3)
     with pytest.raises(RuntimeError, match="mask differs from this module's layout"):
         ours.load_state_dict(seed.state_dict())
