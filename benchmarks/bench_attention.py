@@ -199,7 +199,7 @@ def memory_case(table: Table) -> None:
               f"(one Lq x Lk fp32 matrix: {matrix_mb:.0f} MB)")
 
 
-def main(quick: bool = False) -> Path:
+def main(quick: bool = False) -> Path | None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     repeats = 3 if quick else 10
@@ -209,8 +209,11 @@ def main(quick: bool = False) -> Path:
     sparse_cases(table, repeats, with_flex=not quick)
     if not quick:
         memory_case(table)
-    path = table.write("attention_cpu")
     print(table.render())
+    if quick:  # a quick run does not overwrite the committed full results
+        return None
+    path = table.write("attention_cpu")
+    print(f"\nwritten: {path}")
     return path
 
 
