@@ -420,12 +420,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
         ``path  from-type -> to-type``. ``report.model`` is the converted model (the
         replacement itself when ``model`` is one attention module).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
-    report = ConversionReport("convert", target)
-    report.model = _swap_tree(target, _convert_rules(), report)
-    return report
+    return _swap_model("convert", model, inplace, _convert_rules())
 
 
 def revert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
@@ -435,9 +430,15 @@ def revert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     other mmattn modules revert when :func:`convert` created them (it records the
     original class), and are reported as kept otherwise.
     """
+    return _swap_model("revert", model, inplace, _revert_rules())
+
+
+def _swap_model(kind: str, model: nn.Module, inplace: bool,
+                rules: list[_Rule]) -> ConversionReport:
+    """The body of :func:`convert` and :func:`revert`: ``rules`` decide each swap."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
-    report = ConversionReport("revert", target)
-    report.model = _swap_tree(target, _revert_rules(), report)
+    report = ConversionReport(kind, target)
+    report.model = _swap_tree(target, rules, report)
     return report

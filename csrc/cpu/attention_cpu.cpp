@@ -337,6 +337,20 @@ void set_qkv(Problem& p, const Dims& d, const Tensor& q, const Tensor& k, const 
   p.scale = static_cast<float>(scale);
 }
 
+// Everything the forward and backward launchers describe alike. `blocks` must
+// outlive the kernels: it keeps the transposed partial masks alive.
+void set_problem(Problem& p, const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
+                 double scale, const std::optional<Tensor>& attn_mask,
+                 const std::optional<Tensor>& key_padding_mask, bool is_causal,
+                 double dropout_p, int64_t dropout_seed, BlockArgs& blocks) {
+  set_qkv(p, d, q, k, v, scale);
+  p.mask = make_mask_view(attn_mask, d);
+  set_key_padding(p, key_padding_mask);
+  p.causal = is_causal;
+  set_dropout(p, dropout_p, dropout_seed);
+  set_blocks(p, blocks);
+}
+
 Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
@@ -357,14 +371,10 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
 
   ForwardParams F;
   Problem& p = F.p;
-  set_qkv(p, d, qf, kf, vf, scale);
-  p.mask = make_mask_view(attn_mask, d);
-  set_key_padding(p, key_padding_mask);
-  p.causal = is_causal;
-  set_dropout(p, dropout_p, dropout_seed);
   BlockArgs blocks{kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks,
                    partial_index, partial_masks, block_q, block_k, Tensor()};
-  set_blocks(p, blocks);
+  set_problem(p, d, qf, kf, vf, scale, attn_mask, key_padding_mask, is_causal, dropout_p,
+              dropout_seed, blocks);
 
   Tensor out = new_output(qf, Shape{d.B, d.Hq, d.Lq, d.Dv}, false);
   Tensor lse = torch::stable::new_empty(qf, Shape{d.B, d.Hq, d.Lq}, ScalarType::Float);
@@ -417,14 +427,10 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
 
   BackwardParams G;
   Problem& p = G.p;
-  set_qkv(p, d, qf, kf, vf, scale);
-  p.mask = make_mask_view(attn_mask, d);
-  set_key_padding(p, key_padding_mask);
-  p.causal = is_causal;
-  set_dropout(p, dropout_p, dropout_seed);
   BlockArgs blocks{kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks,
                    partial_index, partial_masks, block_q, block_k, Tensor()};
-  set_blocks(p, blocks);
+  set_problem(p, d, qf, kf, vf, scale, attn_mask, key_padding_mask, is_causal, dropout_p,
+              dropout_seed, blocks);
 
   // Items are (b, kv head, chunk of keys); split keys only when there are too
   // few (b, kv head) pairs to keep every thread busy. Each chunk then needs
