@@ -9,8 +9,10 @@
 
 STABLE_TORCH_LIBRARY(mmattn, m) {
   // Philox4x32-10 uniforms for dropout; see csrc/philox.h for the definition.
-  // counter0/counter1: int32 tensors of one shape; returns float32 of that shape.
-  m.def("philox_uniform(Tensor counter0, Tensor counter1, int seed) -> Tensor");
+  // counter0/counter1/counter2: int32 tensors of one shape (counter2 None = 0);
+  // returns float32 of that shape.
+  m.def("philox_uniform(Tensor counter0, Tensor counter1, int seed, Tensor? counter2=None) "
+        "-> Tensor");
 }
 
 extern "C" {

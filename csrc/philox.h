@@ -1,13 +1,14 @@
 // Philox4x32-10 counter-based RNG: the one definition of mmattn's dropout mask.
 //
-// Bit-identical to Triton's `tl.rand(seed, offset)` when `counter1 == 0`
+// Bit-identical to Triton's `tl.rand(seed, offset)` when `counter1 == counter2 == 0`
 // (the round constants, key schedule and uint -> float map are the same), and to
 // mmattn/philox.py. Header-only so CPU (.cpp) and CUDA (.cu) code share it.
 //
 // Dropout convention (see mmattn/philox.py): for attention probability element
-// (b, h, i, j) of a (B, H, Lq, Lk) tensor, counter0 = i * Lk + j and
-// counter1 = b * H + h (both wrap modulo 2^32); the element is kept when
-// uniform(seed, counter0, counter1) >= p.
+// (b, h, i, j) of a (B, H, Lq, Lk) tensor, with n = i * Lk + j in 64 bits:
+// counter0 = low word of n, counter1 = b * H + h (mod 2^32), counter2 = high word
+// of n (0 whenever Lq * Lk < 2^32); the element is kept when
+// uniform(seed, counter0, counter1, counter2) >= p. dropout_uniform() applies it.
 #pragma once
 
 #include <cstdint>
@@ -28,10 +29,11 @@ MMATTN_HOST_DEVICE uint32_t philox_mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox4x32 with 10 rounds for counter (c0, c1, 0, 0)
+// First output word of Philox4x32 with 10 rounds for counter (c0, c1, c2, 0)
 // and key (seed & 0xffffffff, seed >> 32).
-MMATTN_HOST_DEVICE uint32_t philox_word(uint64_t seed, uint32_t c0, uint32_t c1) {
-  uint32_t c2 = 0u, c3 = 0u;
+MMATTN_HOST_DEVICE uint32_t philox_word(uint64_t seed, uint32_t c0, uint32_t c1,
+                                        uint32_t c2 = 0u) {
+  uint32_t c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDA_ARCH__)
@@ -57,8 +59,15 @@ MMATTN_HOST_DEVICE float philox_uint_to_uniform(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-MMATTN_HOST_DEVICE float philox_uniform(uint64_t seed, uint32_t c0, uint32_t c1) {
-  return philox_uint_to_uniform(philox_word(seed, c0, c1));
+MMATTN_HOST_DEVICE float philox_uniform(uint64_t seed, uint32_t c0, uint32_t c1,
+                                        uint32_t c2 = 0u) {
+  return philox_uint_to_uniform(philox_word(seed, c0, c1, c2));
+}
+
+// The dropout uniform of element `flat_index = i * Lk + j` of head `batch_head = b * H + h`.
+MMATTN_HOST_DEVICE float dropout_uniform(uint64_t seed, uint64_t flat_index, uint64_t batch_head) {
+  return philox_uniform(seed, static_cast<uint32_t>(flat_index), static_cast<uint32_t>(batch_head),
+                        static_cast<uint32_t>(flat_index >> 32));
 }
 
 }  // namespace mmattn

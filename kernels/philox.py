@@ -13,15 +13,17 @@ import triton.language as tl
 
 
 @triton.jit
-def philox_uniform(seed_lo, seed_hi, counter0, counter1):
-    """Uniform float32 in [0, 1) for uint32 counters ``(counter0, counter1, 0, 0)``.
+def philox_uniform(seed_lo, seed_hi, counter0, counter1, counter2):
+    """Uniform float32 in [0, 1) for uint32 counters ``(counter0, counter1, counter2, 0)``.
 
-    Written out rather than calling ``tl.rand`` so the second counter word can carry
-    the (batch, head) index; with ``counter1 == 0`` it equals ``tl.rand``.
+    Written out rather than calling ``tl.rand`` so the second and third counter words
+    can carry the (batch, head) index and the high word of the element index; with
+    ``counter1 == counter2 == 0`` it equals ``tl.rand``. Counters are int32/uint32
+    tensors of one shape (``counter2`` may be a scalar 0).
     """
     c0 = counter0.to(tl.uint32, bitcast=True)
     c1 = counter1.to(tl.uint32, bitcast=True)
-    c2 = tl.zeros_like(c0)
+    c2 = (tl.zeros_like(c0) + counter2).to(tl.uint32, bitcast=True)
     c3 = tl.zeros_like(c0)
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
@@ -40,13 +42,14 @@ def philox_uniform(seed_lo, seed_hi, counter0, counter1):
 
 
 @triton.jit
-def philox_uniform_kernel(counter0_ptr, counter1_ptr, out_ptr, seed_lo, seed_hi, numel,
-                          BLOCK: tl.constexpr):
+def philox_uniform_kernel(counter0_ptr, counter1_ptr, counter2_ptr, out_ptr, seed_lo, seed_hi,
+                          numel, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offsets < numel
     counter0 = tl.load(counter0_ptr + offsets, mask=in_range, other=0)
     counter1 = tl.load(counter1_ptr + offsets, mask=in_range, other=0)
-    uniform = philox_uniform(seed_lo, seed_hi, counter0, counter1)
+    counter2 = tl.load(counter2_ptr + offsets, mask=in_range, other=0)
+    uniform = philox_uniform(seed_lo, seed_hi, counter0, counter1, counter2)
     tl.store(out_ptr + offsets, uniform, mask=in_range)
 
 
@@ -65,18 +68,22 @@ def _seed_words(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-def philox_uniform_launch(seed: int, counter0: torch.Tensor,
-                          counter1: torch.Tensor) -> torch.Tensor:
-    """Uniforms for int32 counter tensors of one shape; returns float32 of that shape."""
-    counter0 = counter0.to(torch.int32).contiguous()
-    counter1 = counter1.to(torch.int32).contiguous()
+def philox_uniform_launch(seed: int, counter0: torch.Tensor, counter1: torch.Tensor,
+                          counter2: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms for integer counter tensors of one shape (taken modulo 2**32; ``counter2``
+    None means 0); returns float32 of that shape."""
+    if counter2 is None:
+        counter2 = torch.zeros_like(counter0)
+    # int64 -> int32 keeps the low 32 bits (two's complement wrap), i.e. modulo 2**32.
+    counter0, counter1, counter2 = (c.to(torch.int32).contiguous()
+                                    for c in (counter0, counter1, counter2))
     out = torch.empty(counter0.shape, dtype=torch.float32, device=counter0.device)
     numel = counter0.numel()
     if numel:
         block = 256
         seed_lo, seed_hi = _seed_words(seed)
         philox_uniform_kernel[(triton.cdiv(numel, block),)](
-            counter0, counter1, out, seed_lo, seed_hi, numel, BLOCK=block)
+            counter0, counter1, counter2, out, seed_lo, seed_hi, numel, BLOCK=block)
     return out
 
 

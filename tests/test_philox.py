@@ -41,6 +41,27 @@ def test_uniform_range_and_moments():
     assert abs(u.var().item() - 1 / 12) < 2e-3
 
 
+def test_third_counter_word_zero_is_the_two_word_definition():
+    c0, c1 = _counters(1000)
+    assert torch.equal(philox_uniform(9, c0, c1, torch.zeros_like(c0)), philox_uniform(9, c0, c1))
+    # a nonzero third word gives other numbers (the point of carrying it)
+    assert not torch.equal(philox_uniform(9, c0, c1, torch.ones_like(c0)),
+                           philox_uniform(9, c0, c1))
+
+
+def test_third_word_separates_counters_that_used_to_wrap():
+    # Lq * Lk >= 2**32: flat index n = i * Lk + j goes to (n mod 2**32, b*H + h, n >> 32).
+    lq, lk = 3, 2**31 + 3
+    rows = torch.arange(lq, dtype=torch.int64).view(1, 1, -1, 1)
+    flat = rows * lk + (lk - 1)
+    c0_big, c2_big = flat & 0xFFFFFFFF, flat >> 32
+    assert c2_big.flatten().tolist() == [0, 1, 1]  # n = Lk-1, 2Lk-1, 3Lk-1
+    # element (i=2, j=Lk-1) and element (i=0, j=(2*Lk+Lk-1) mod 2**32) used to share a counter
+    u_new = philox_uniform(5, c0_big, torch.zeros_like(c0_big), c2_big).flatten()
+    u_wrapped = philox_uniform(5, c0_big, torch.zeros_like(c0_big)).flatten()
+    assert u_new[0] == u_wrapped[0] and u_new[2] != u_wrapped[2]
+
+
 @needs_ext
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cpp_kernel_matches_torch(seed):
@@ -48,6 +69,9 @@ def test_cpp_kernel_matches_torch(seed):
     expected = philox_uniform(seed, c0, c1)
     got = torch.ops.mmattn.philox_uniform(c0, c1, seed)
     assert torch.equal(got, expected)
+    c2 = c1.flip(0)
+    assert torch.equal(torch.ops.mmattn.philox_uniform(c0, c1, seed, c2),
+                       philox_uniform(seed, c0, c1, c2))
 
 
 @needs_triton
@@ -57,6 +81,8 @@ def test_triton_matches_torch(seed):
 
     c0, c1 = _counters(1000)
     assert torch.equal(philox_uniform_launch(seed, c0, c1), philox_uniform(seed, c0, c1))
+    c2 = c1.flip(0)
+    assert torch.equal(philox_uniform_launch(seed, c0, c1, c2), philox_uniform(seed, c0, c1, c2))
 
 
 @needs_triton
@@ -71,7 +97,8 @@ def test_definition_equals_tl_rand_when_counter1_is_zero():
 def test_dropout_keep_mask_convention():
     b, h, lq, lk, p, seed = 2, 3, 5, 7, 0.3, 99
     keep = dropout_keep_mask(seed, p, b, h, lq, lk)
-    c0, c1 = dropout_counters(b, h, lq, lk)
+    c0, c1, c2 = dropout_counters(b, h, lq, lk)
+    assert c2.abs().sum() == 0
     for bi, hi, i, j in [(0, 0, 0, 0), (1, 2, 4, 6), (1, 0, 3, 2)]:
         u = philox_uniform(seed, torch.tensor([i * lk + j]), torch.tensor([bi * h + hi]))
         assert bool(keep[bi, hi, i, j]) == bool(u[0] >= p)

@@ -114,8 +114,8 @@ struct Problem {
   const uint8_t* kpm = nullptr;  // key_padding_mask (B, Lk), True = padding
   int64_t kpm_sb = 0, kpm_sj = 0;
   bool causal = false;
-  // Dropout: element kept iff philox_uniform(seed, i*Lk + j, b*Hq + h) >= keep_threshold,
-  // kept elements scaled by drop_scale (0 when p == 1).
+  // Dropout: element kept iff dropout_uniform(seed, i*Lk + j, b*Hq + h) >= keep_threshold
+  // (csrc/philox.h), kept elements scaled by drop_scale (0 when p == 1).
   bool dropout = false;
   float keep_threshold = 0.0f;
   float drop_scale = 1.0f;

@@ -387,9 +387,9 @@ void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const flo
 
 // Dropout factor (keep ? drop_scale : 0) for key `key` and lanes of group g.
 inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
-  const uint32_t base = static_cast<uint32_t>(static_cast<uint64_t>((i0 + g * W) * P.Lk + key));
+  const uint64_t base = static_cast<uint64_t>((i0 + g * W) * P.Lk + key);
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
-  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint32_t>(P.Lk), c1,
+  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint64_t>(P.Lk), c1,
                                    P.keep_threshold);
   return Vec::blend(keep, Vec::set1(P.drop_scale), Vec::zero());
 }

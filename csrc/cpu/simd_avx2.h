@@ -107,13 +107,26 @@ struct Vec {
     return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   }
   // See simd_avx512.h.
-  static inline M dropout_keep(uint64_t seed, uint32_t base, uint32_t step, uint32_t c1,
+  // High words of the lanes' 64-bit counters base + lane * step (counter2 of the
+  // dropout definition): one broadcast unless the lanes straddle a 2^32 boundary.
+  static inline __m256i counter_high_words(uint64_t base, uint64_t step) {
+    const uint32_t first = static_cast<uint32_t>(base >> 32);
+    if (static_cast<uint32_t>((base + step * (W - 1)) >> 32) == first) {
+      return _mm256_set1_epi32(static_cast<int>(first));
+    }
+    uint32_t high[W];
+    for (int lane = 0; lane < W; ++lane) {
+      high[lane] = static_cast<uint32_t>((base + step * static_cast<uint64_t>(lane)) >> 32);
+    }
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high));
+  }
+  static inline M dropout_keep(uint64_t seed, uint64_t base, uint64_t step, uint32_t c1,
                                float threshold) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)),
                                   _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(step))));
     __m256i x1 = _mm256_set1_epi32(static_cast<int>(c1));
-    __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+    __m256i x2 = counter_high_words(base, step), x3 = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
     uint32_t k1 = static_cast<uint32_t>(seed >> 32);
     const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));

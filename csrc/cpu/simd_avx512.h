@@ -111,13 +111,26 @@ struct Vec {
     const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
     return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   }
-  static inline M dropout_keep(uint64_t seed, uint32_t base, uint32_t step, uint32_t c1,
+  // High words of the lanes' 64-bit counters base + lane * step (counter2 of the
+  // dropout definition): one broadcast unless the lanes straddle a 2^32 boundary.
+  static inline __m512i counter_high_words(uint64_t base, uint64_t step) {
+    const uint32_t first = static_cast<uint32_t>(base >> 32);
+    if (static_cast<uint32_t>((base + step * (W - 1)) >> 32) == first) {
+      return _mm512_set1_epi32(static_cast<int>(first));
+    }
+    uint32_t high[W];
+    for (int lane = 0; lane < W; ++lane) {
+      high[lane] = static_cast<uint32_t>((base + step * static_cast<uint64_t>(lane)) >> 32);
+    }
+    return _mm512_loadu_si512(reinterpret_cast<const __m512i*>(high));
+  }
+  static inline M dropout_keep(uint64_t seed, uint64_t base, uint64_t step, uint32_t c1,
                                float threshold) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)),
                                   _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(step))));
     __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1));
-    __m512i x2 = _mm512_setzero_si512(), x3 = _mm512_setzero_si512();
+    __m512i x2 = counter_high_words(base, step), x3 = _mm512_setzero_si512();
     uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
     uint32_t k1 = static_cast<uint32_t>(seed >> 32);
     const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
