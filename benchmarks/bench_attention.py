@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from common import Table, time_ms
 
 import mmattn
-from mmattn import BlockMask, _cpu_attention
+from mmattn import BlockMask
+from mmattn.backends import cpu as cpu_backend
 
 THREADS = min(2, os.cpu_count() or 1)
 DENSE = (4, 8, 256, 1024, 64)  # B, H, Lq, Lk, D
@@ -204,7 +205,7 @@ def main(quick: bool = False) -> Path | None:
     torch.manual_seed(0)
     repeats = 3 if quick else 10
     table = Table(f"CPU attention, float32, {THREADS} threads, kernels: "
-                  f"{_cpu_attention.kernel_isa()}")
+                  f"{cpu_backend.kernel_isa()}")
     dense_cases(table, repeats)
     sparse_cases(table, repeats, with_flex=not quick)
     if not quick:

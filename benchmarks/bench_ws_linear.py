@@ -106,7 +106,7 @@ def _block_case(table: Table, name: str, layout: SparseLayout, x: Tensor, rounds
     """Forward vs the fastest torch.sparse form and fwd+bwd vs dense, for a block layout."""
     n = layout.out_features
     values = torch.randn(layout.nnz, BLOCK, BLOCK) * 0.01
-    dense = mmattn.reference.layout_to_dense_weight(values, layout.crow_indices,
+    dense = mmattn.backends.reference.layout_to_dense_weight(values, layout.crow_indices,
                                                     layout.col_indices, n, n, BLOCK)
     forms = _torch_sparse_forms(dense, x)
     torch.testing.assert_close(mmattn.ws_linear(x, values, layout), F.linear(x, dense),

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmattn import _cpu_attention, dispatch, ops
+from mmattn import backends, dispatch, ops
+from mmattn.backends import AttentionCall
 from mmattn.block_mask import BlockMask
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -73,7 +74,7 @@ def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
     """Check a BlockMask against the call and lay it out for the ops (or (None, None)).
 
     Its compressed indices travel to the kernels, which skip empty blocks; backends
-    without block-sparse kernels get it densified inside the op (mmattn.ops).
+    without block-sparse kernels densify it themselves.
     """
     if block_mask is None or not isinstance(block_mask, BlockMask):
         return None, None
@@ -84,7 +85,8 @@ def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
     if bm not in (1, b) or hm not in (1, hq):
         raise ValueError(f"block_mask has (Bm, Hm) = {(bm, hm)}; they must be 1 or "
                          f"(B, Hq) = {(b, hq)}")
-    return ops.block_mask_args(block_mask.to(device))
+    block_mask = block_mask.to(device)
+    return backends.block_mask_tensors(block_mask), list(block_mask.block_size)
 
 
 def _fold_dense_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tuple[int, ...],
@@ -111,79 +113,12 @@ def _fold_dense_block_mask(block_mask: Any, attn_mask: Tensor | None, target: tu
     return attn_mask.masked_fill(~dense, -math.inf)
 
 
-# Dtypes the fused kernels (mmattn::fused_attention_fwd/bwd) accept; float64 runs
-# on the reference only.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _kernel_ops_reason(device_type: str) -> str | None:
-    for op_name in (_cpu_attention.FORWARD_OP, _cpu_attention.BACKWARD_OP):
-        reason = dispatch.extension_reason(op_name, torch.device(device_type))
-        if reason is not None:
-            return reason
-    return None
-
-
-# Fixed at import (the extension is loaded by then), so that backend choice under
-# torch.compile reads a plain dict instead of calling into the dispatcher.
-_KERNEL_OPS_REASON = {device: _kernel_ops_reason(device) for device in ("cpu", "cuda")}
-
-
-def _unsupported(backend: str, q: Tensor, *, dropout: bool, weights: bool) -> str | None:
-    """Why ``backend`` cannot run this attention call, or None."""
-    if backend == "reference":
-        return None
-    if backend not in ops.ATTENTION_FORWARD:
-        return f"no {backend} attention kernel is built into this mmattn"
-    if backend in ("cpu", "cuda"):
-        if q.device.type != backend:
-            return f"the {backend} backend needs {backend} tensors, got {q.device.type}"
-        reason = _KERNEL_OPS_REASON[backend]
-        if reason is not None:
-            return reason
-    if backend == "triton":
-        reason = dispatch.triton_reason(q.device)
-        if reason is not None:
-            return reason
-    if q.dtype not in _KERNEL_DTYPES:
-        return (f"the {backend} attention kernels support float32, bfloat16 and float16, "
-                f"got {q.dtype} (float64 runs on the reference backend only)")
-    return None
-
-
-def cross_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
-    key_padding_mask: Tensor | None = None, block_mask: Any = None, is_causal: bool = False,
-    dropout_p: float = 0.0, scale: float | None = None, return_weights: bool = False,
-    backend: str | None = None, dropout_seed: int | Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Multi-head attention of queries over keys/values from another modality.
-
-    Args:
-        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, one dtype
-            (float32, float16, bfloat16; float64 on the reference backend), any strides.
-            ``Hq % Hkv == 0`` (grouped-query / multi-query attention); ``Dv`` may differ
-            from ``D``; ``Lq`` and ``Lk`` are independent and may be 0.
-        attn_mask: bool (True = may attend, as ``F.scaled_dot_product_attention``) or
-            float (added to the scores), broadcastable to ``(B, Hq, Lq, Lk)``. A float
-            mask that requires grad receives its gradient.
-        key_padding_mask: ``(B, Lk)`` bool, True = padding (as ``nn.MultiheadAttention``).
-        block_mask: an :class:`mmattn.BlockMask`; combined with the other masks.
-        is_causal: top-left aligned causal mask (query i sees keys j <= i), as SDPA.
-        dropout_p: probability of dropping an attention weight, in [0, 1].
-        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
-        return_weights: also return the weights that multiplied V (after dropout, as
-            ``nn.MultiheadAttention``), ``(B, Hq, Lq, Lk)``.
-        backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None (automatic).
-        dropout_seed: Philox key for dropout (``0 <= seed < 2**63``); None draws one from
-            torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
-
-    Returns:
-        ``out`` ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, weights)``.
-
-    A query row with no visible key returns 0 (weights 0, gradients 0), never NaN:
-    this is the one documented difference from SDPA.
-    """
+def _prepare_call(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any, key_padding_mask: Any,
+                  block_mask: Any, is_causal: bool, dropout_p: Any, scale: Any,
+                  return_weights: bool) -> tuple[AttentionCall, list[Tensor] | None,
+                                                 list[int] | None, float]:
+    """Validate one call of :func:`cross_attention` and describe it for the backends:
+    ``(call, block_tensors, block_size, scale)``."""
     _validate_qkv(q, k, v)
     b, hq, lq, d = q.shape
     lk = k.shape[2]
@@ -206,26 +141,89 @@ def cross_attention(
         scale = 1.0 / math.sqrt(d)
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    call = AttentionCall(q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p),
+                         bool(return_weights), None if block_size is None else tuple(block_size),
+                         ops.needs_grad(q, k, v, mask))
+    return call, block_tensors, block_size, float(scale)
 
-    seed_tensor = None
-    if dropout_p > 0.0:
-        if dropout_seed is None:
-            seed_tensor = torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
-        elif isinstance(dropout_seed, Tensor):
-            seed_tensor = dropout_seed.detach().to("cpu", torch.int64).reshape(())
-        elif isinstance(dropout_seed, int) and 0 <= dropout_seed <= _MAX_SEED:
-            seed_tensor = torch.tensor(dropout_seed, dtype=torch.int64)
-        else:
-            raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got "
-                             f"{dropout_seed!r}")
 
-    name = dispatch.resolve_backend(
-        "cross_attention", q.device, backend,
-        lambda candidate: _unsupported(candidate, q, dropout=dropout_p > 0,
-                                       weights=return_weights),
+def _resolve(call: AttentionCall, backend: str | None) -> str:
+    return dispatch.resolve_backend(
+        "cross_attention", call.q.device, backend,
+        lambda candidate: backends.get(candidate).attention_unsupported(call))
+
+
+def _seed_tensor(dropout_seed: Any) -> Tensor:
+    """The Philox key of a call with dropout, as a 0-d int64 CPU tensor."""
+    if dropout_seed is None:
+        return torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
+    if isinstance(dropout_seed, Tensor):
+        return dropout_seed.detach().to("cpu", torch.int64).reshape(())
+    if isinstance(dropout_seed, int) and 0 <= dropout_seed <= _MAX_SEED:
+        return torch.tensor(dropout_seed, dtype=torch.int64)
+    raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
+
+
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None, block_mask: Any = None, is_causal: bool = False,
+    dropout_p: float = 0.0, scale: float | None = None, return_weights: bool = False,
+    backend: str | None = None, dropout_seed: int | Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Multi-head attention of queries over keys/values from another modality.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, one dtype
+            (float32, float16, bfloat16; float64 on the reference backend), any strides.
+            ``Hq % Hkv == 0`` (grouped-query / multi-query attention); ``Dv`` may differ
+            from ``D``; ``Lq`` and ``Lk`` are independent and may be 0.
+        attn_mask: bool (True = may attend, as ``F.scaled_dot_product_attention``) or
+            float (added to the scores), broadcastable to ``(B, Hq, Lq, Lk)``. A float
+            mask that requires grad receives its gradient.
+        key_padding_mask: ``(B, Lk)`` bool, True = padding (as ``nn.MultiheadAttention``).
+        block_mask: an :class:`mmattn.BlockMask`; combined with the other masks.
+        is_causal: top-left aligned causal mask (query i sees keys j <= i), as SDPA.
+        dropout_p: probability of dropping an attention weight, in [0, 1].
+        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        return_weights: also return the weights that multiplied V (after dropout, as
+            ``nn.MultiheadAttention``), ``(B, Hq, Lq, Lk)``.
+        backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None (automatic).
+        dropout_seed: Philox key for dropout (``0 <= seed < 2**63``); None draws one from
+            torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
+        return_lse: also return the log-sum-exp of each query row's scaled, masked
+            scores, ``(B, Hq, Lq)``, float32 (float64 for float64 inputs), +inf for a row
+            with no visible key, before dropout. Gradients flow through it.
+
+    Returns:
+        ``out`` ``(B, Hq, Lq, Dv)`` in q's dtype, followed by ``weights`` when
+        ``return_weights`` and ``lse`` when ``return_lse``: ``out``, ``(out, weights)``,
+        ``(out, lse)`` or ``(out, weights, lse)``.
+
+    A query row with no visible key returns 0 (weights 0, gradients 0), never NaN:
+    this is the one documented difference from SDPA.
+    """
+    call, block_tensors, block_size, scale = _prepare_call(
+        q, k, v, attn_mask, key_padding_mask, block_mask, is_causal, dropout_p, scale,
+        return_weights)
+    seed_tensor = _seed_tensor(dropout_seed) if call.dropout_p > 0.0 else None
+    name = _resolve(call, backend)
+    out, lse, weights = ops.attention(
+        q, k, v, call.attn_mask, key_padding_mask, call.is_causal, call.dropout_p, scale,
+        seed_tensor, call.return_weights, name, block_tensors, block_size,
     )
-    out, _lse, weights = ops.attention(
-        q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p), float(scale),
-        seed_tensor, bool(return_weights), name, block_tensors, block_size,
-    )
-    return (out, weights) if return_weights else out
+    if not (return_weights or return_lse):
+        return out
+    return (out, *((weights,) if return_weights else ()), *((lse,) if return_lse else ()))
+
+
+def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+                      key_padding_mask: Tensor | None = None, block_mask: Any = None,
+                      is_causal: bool = False, dropout_p: float = 0.0,
+                      scale: float | None = None, return_weights: bool = False,
+                      backend: str | None = None) -> str:
+    """The backend :func:`cross_attention` would run this call on (same arguments);
+    raises as it would for bad input or a forced backend that cannot run the call."""
+    call, _, _, _ = _prepare_call(q, k, v, attn_mask, key_padding_mask, block_mask, is_causal,
+                                  dropout_p, scale, return_weights)
+    return _resolve(call, backend)

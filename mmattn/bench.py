@@ -62,11 +62,7 @@ def quick_check() -> None:
     err = (ours - F.scaled_dot_product_attention(q, k, v)).abs().max().item()
     sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats=5)
     ours_ms = time_ms(lambda: mmattn.cross_attention(q, k, v), repeats=5)
-    from mmattn.attention import _unsupported
-
-    backend = mmattn.dispatch.resolve_backend(
-        "cross_attention", q.device, None,
-        lambda b: _unsupported(b, q, dropout=False, weights=False))
+    backend = mmattn.attention.attention_backend(q, k, v)
     print(f"cross_attention B4 H8 Lq256 Lk1024 D64 fp32 on CPU, backend={backend}: "
           f"{ours_ms:.1f} ms vs SDPA {sdpa_ms:.1f} ms (speedup {sdpa_ms / ours_ms:.2f}x), "
           f"max |diff| {err:.2e}")

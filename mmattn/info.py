@@ -9,6 +9,8 @@ import sys
 import torch
 
 from mmattn import _extension, dispatch
+from mmattn.backends import cuda as cuda_backend
+from mmattn.backends import triton as triton_backend
 
 
 def _build_info() -> dict[str, object]:
@@ -59,6 +61,9 @@ def report() -> str:
         archs = ", ".join(build.get("cuda_archs", [])) or "none"
         ptx = ", ".join(build.get("ptx_archs", [])) or "none"
         state = "usable" if dispatch.CUDA_AVAILABLE else "not runnable here: no CUDA GPU visible"
+        if not cuda_backend.VERIFIED_ON_HARDWARE:
+            state += ("; not yet verified on a GPU, so automatic choice prefers Triton "
+                      "(backend='cuda' selects them)")
         lines.append(
             f"  cuda       compiled with CUDA {build.get('cuda_version')} for SASS [{archs}] "
             f"PTX [{ptx}]; {state}; CUDA kernels: {', '.join(cuda_ops) or 'none'}"
@@ -66,11 +71,11 @@ def report() -> str:
     else:
         lines.append("  cuda       not compiled (no nvcc at build time, or MMATTN_CUDA=0)")
 
-    if not dispatch.TRITON_INSTALLED:
+    if not triton_backend.INSTALLED:
         lines.append("  triton     not usable: triton is not installed")
     elif dispatch.CUDA_AVAILABLE:
         lines.append("  triton     usable on CUDA tensors")
-    elif dispatch.TRITON_INTERPRET:
+    elif triton_backend.INTERPRET:
         lines.append("  triton     interpreter available (TRITON_INTERPRET=1): runs on CPU tensors")
     else:
         lines.append("  triton     installed; no GPU here, interpreter available with "

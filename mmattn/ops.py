@@ -1,224 +1,139 @@
-"""``torch.library`` custom ops of mmattn: one per computation, whatever the backend.
+"""``torch.library`` custom ops of mmattn and their autograd: one op per computation,
+whatever the backend.
 
-Layering (as flash-attention's interface): public function (validation and
-backend choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> entry point here
-(:func:`attention`, :func:`ws_linear_apply`) -> the backend's kernel. The chosen
-backend travels as a string argument.
+Layering (as flash-attention's interface): public function (validation and backend
+choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> entry point here
+(:func:`attention`, :func:`ws_linear_apply`) -> the backend module's function
+(:mod:`mmattn.backends`). The chosen backend travels as a string argument.
 
 Two routes lead to the same kernels. Under ``torch.compile`` (and for
 ``torch.library.opcheck``, export) the custom ops ``mmattn::*`` are called: opaque
 to the tracer, with fake kernels and registered autograd. In eager mode the entry
-points call the kernels through a plain ``torch.autograd.Function``, or directly
+points call the backend through a plain ``torch.autograd.Function``, or directly
 when no gradient is needed, because the custom-op dispatch adds tens of
 microseconds per call, more than a whole layer takes at the seeds' sizes.
+
+Gradients a backend's kernels do not compute (``BACKWARD_EXTRAS``) are computed by the
+reference backward; so is every double backward (``create_graph=True``): the reference
+backward is made of differentiable torch operations, so second derivatives are exact
+on every backend instead of silently zero.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from mmattn import _cpu_attention, reference
+from mmattn import backends
+from mmattn.backends import reference
 
-if TYPE_CHECKING:
-    from mmattn.block_mask import BlockMask
-
-# ---- ws_linear launchers of the C++ CPU kernels (csrc/cpu/ws_linear_cpu.cpp) ---------------
-# Same signatures as reference.ws_linear / reference.ws_linear_backward. The kernels take
-# 2-D (batch, features) inputs with any strides; leading dimensions are flattened here.
-
-def _ws_linear_cpu(
-    x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
-    ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
-    block_size: int, bias: Tensor | None,
-) -> Tensor:
-    """``mmattn::ws_spmm`` on ``x.reshape(-1, in_features)``; returns ``(..., out_features)``."""
-    if x.dim() == 2:
-        return torch.ops.mmattn.ws_spmm.default(x, values, crow_indices, col_indices,
-                                                out_features, block_size, bias)
-    y = torch.ops.mmattn.ws_spmm.default(x.reshape(-1, x.shape[-1]), values, crow_indices,
-                                         col_indices, out_features, block_size, bias)
-    return y.view(*x.shape[:-1], out_features)
-
-
-def _ws_linear_backward_cpu(
-    grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
-    row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
-    out_features: int, block_size: int, has_bias: bool, *, need_dx: bool = True,
-    need_d_values: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """``mmattn::ws_spmm_backward``: ``(dx like x (contiguous), d_values, d_bias)``; with
-    ``need_dx`` / ``need_d_values`` False that gradient is skipped and None."""
-    flat = x.dim() == 2  # the common case skips two reshapes and a view
-    dx, d_values, d_bias = torch.ops.mmattn.ws_spmm_backward.default(
-        grad_y if flat else grad_y.reshape(-1, out_features),
-        x if flat else x.reshape(-1, x.shape[-1]), values, crow_indices, col_indices,
-        ccol_indices, row_indices_t, transpose_perm, block_size, has_bias, need_dx,
-        need_d_values)
-    if need_dx and not flat:
-        dx = dx.view(x.shape)
-    return dx if need_dx else None, d_values if need_d_values else None, d_bias
-
-
-# Backend name -> implementation. Kernel backends add themselves here as they
-# are built (the reference entry is the fallback and always present). Whether
-# a backend can run a given call is decided before, in mmattn.attention.
-ATTENTION_FORWARD = {
-    "reference": reference.attention_forward,
-    "cpu": _cpu_attention.attention_forward,
-}
-ATTENTION_BACKWARD = {
-    "reference": reference.attention_backward,
-    "cpu": _cpu_attention.attention_backward,
-}
-# Backends whose kernels read a BlockMask's compressed indices (empty blocks are
-# never touched, full blocks need no element mask); the others receive the block
-# mask folded into a dense element mask.
-BLOCK_SPARSE_BACKENDS = frozenset({"cpu"})
-WS_LINEAR_FORWARD = {"reference": reference.ws_linear, "cpu": _ws_linear_cpu}
-WS_LINEAR_BACKWARD = {"reference": reference.ws_linear_backward, "cpu": _ws_linear_backward_cpu}
-# Backends whose WS_LINEAR_BACKWARD entry also takes ``need_dx`` / ``need_d_values``
-# (keyword-only, default True) and skips the gradients no one asked for.
-WS_LINEAR_BACKWARD_SKIPS_UNNEEDED = frozenset({"cpu"})
+_NO_BLOCK_TENSORS = (None,) * 7
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int | None:
     return None if dropout_seed is None else int(dropout_seed.item()) & (2**64 - 1)
 
 
-def block_mask_args(block_mask: BlockMask) -> tuple[list[Tensor], list[int]]:
-    """How the attention ops carry an ``mmattn.BlockMask``: its compressed tensors
-    ``[kv_num_blocks, kv_indices, q_num_blocks, q_indices, full, partial_index,
-    partial_masks]`` and ``[bq, bk]`` (field meanings: :class:`mmattn.BlockMask`).
-    The custom ops take the seven tensors as separate optional arguments (a schema
-    has no optional tensor lists)."""
-    tensors = [block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks,
-               block_mask.q_indices, block_mask.full, block_mask.partial_index,
-               block_mask.partial_masks]
-    return tensors, list(block_mask.block_size)
-
-
-_NO_BLOCK_TENSORS = (None,) * 7
-
-
 def _block_list(tensors: tuple[Tensor | None, ...]) -> list[Tensor] | None:
     return None if tensors[0] is None else list(tensors)
 
 
-def _with_dense_blocks(attn_mask: Tensor | None, q: Tensor, k: Tensor,
-                       block_mask: list[Tensor] | None,
-                       block_size: list[int] | None) -> Tensor | None:
-    """``attn_mask`` AND the block mask, as one element mask broadcast to (B, Hq, Lq, Lk)."""
-    if block_mask is None:
-        return attn_mask
-    b, hq, lq, _ = q.shape
-    lk = k.shape[2]
-    _, _, _, _, full, partial_index, partial_masks = block_mask
-    dense = reference.block_mask_to_dense(full, partial_index, partial_masks,
-                                          tuple(block_size), (lq, lk))
-    dense = dense.expand(b, hq, lq, lk)
-    if attn_mask is None:
-        return dense
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & dense
-    return attn_mask.masked_fill(~dense, -math.inf)
-
+# ---- attention -----------------------------------------------------------------------------
 
 def _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-                            dropout_seed, return_weights, backend, *block_tensors_and_size):
-    impl = ATTENTION_FORWARD[backend]
-    seed = _seed_value(dropout_seed)
+                            dropout_seed, return_weights, keep_fp32_out, backend,
+                            *block_tensors_and_size):
     block_mask = _block_list(block_tensors_and_size[:7] or _NO_BLOCK_TENSORS)
     block_size = block_tensors_and_size[7] if block_mask is not None else None
-    if block_mask is not None and backend in BLOCK_SPARSE_BACKENDS:
-        return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, seed,
-                    return_weights, block_mask, block_size)
-    attn_mask = _with_dense_blocks(attn_mask, q, k, block_mask, block_size)
-    return impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, seed,
-                return_weights)
+    return backends.get(backend).attention_forward(
+        q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+        _seed_value(dropout_seed), return_weights, block_mask, block_size, keep_fp32_out)
 
 
 @torch.library.custom_op("mmattn::attention_forward", mutates_args=())
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
-    return_weights: bool, backend: str, kv_num_blocks: Tensor | None = None,
-    kv_indices: Tensor | None = None, q_num_blocks: Tensor | None = None,
-    q_indices: Tensor | None = None, full_blocks: Tensor | None = None,
-    partial_index: Tensor | None = None, partial_masks: Tensor | None = None,
-    block_size: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused attention forward; returns ``(out, lse, weights)`` (see reference).
-
-    The block-mask arguments are a BlockMask laid out by :func:`block_mask_args` (all
-    given or all None), combined with the other masks by AND.
-    """
-    return _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
-                                   scale, dropout_seed, return_weights, backend, kv_num_blocks,
-                                   kv_indices, q_num_blocks, q_indices, full_blocks,
-                                   partial_index, partial_masks, block_size)
-
-
-@attention_forward.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-      return_weights, backend, *block_tensors_and_size):
-    b, hq, lq, _ = q.shape
-    out = q.new_empty(b, hq, lq, v.shape[-1])
-    lse = q.new_empty(b, hq, lq, dtype=torch.float32)
-    weights = q.new_empty(b, hq, lq, k.shape[2]) if return_weights else q.new_empty(0)
-    return out, lse, weights
-
-
-@torch.library.custom_op("mmattn::attention_backward", mutates_args=())
-def attention_backward(
-    grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-    out: Tensor, lse: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-    is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
-    mask_needs_grad: bool, backend: str, kv_num_blocks: Tensor | None = None,
+    return_weights: bool, keep_fp32_out: bool, backend: str, kv_num_blocks: Tensor | None = None,
     kv_indices: Tensor | None = None, q_num_blocks: Tensor | None = None,
     q_indices: Tensor | None = None, full_blocks: Tensor | None = None,
     partial_index: Tensor | None = None, partial_masks: Tensor | None = None,
     block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused attention backward; returns ``(dq, dk, dv, d_attn_mask)``.
+    """Fused attention forward; returns ``(out, lse, weights, out_fp32)`` (see
+    :mod:`mmattn.backends`).
 
-    ``out`` and ``lse`` are the forward's saved outputs (kernels use them instead
-    of recomputing the softmax statistics). A gradient flowing into the returned
-    weights, or a float mask that needs a gradient, is handled by the reference.
+    The block-mask arguments are a BlockMask laid out by
+    :func:`mmattn.backends.block_mask_tensors` (all given or all None), combined with the
+    other masks by AND.
     """
-    return _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
-                                    key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-                                    mask_needs_grad, backend, kv_num_blocks, kv_indices,
-                                    q_num_blocks, q_indices, full_blocks, partial_index,
-                                    partial_masks, block_size)
+    return _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
+                                   scale, dropout_seed, return_weights, keep_fp32_out, backend,
+                                   kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                                   full_blocks, partial_index, partial_masks, block_size)
 
 
-def _attention_backward_impl(grad_out, grad_weights, q, k, v, out, lse, attn_mask,
+@attention_forward.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+      return_weights, keep_fp32_out, backend, *block_tensors_and_size):
+    b, hq, lq, _ = q.shape
+    out = q.new_empty(b, hq, lq, v.shape[-1])
+    lse = q.new_empty(b, hq, lq, dtype=torch.float64 if q.dtype == torch.float64
+                      else torch.float32)
+    weights = q.new_empty(b, hq, lq, k.shape[2]) if return_weights else q.new_empty(0)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    out_fp32 = (q.new_empty(b, hq, lq, v.shape[-1], dtype=torch.float32)
+                if keep_fp32_out and half else q.new_empty(0))
+    return out, lse, weights, out_fp32
+
+
+def _attention_backward_impl(grad_out, grad_weights, grad_lse, q, k, v, out, lse, attn_mask,
                              key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
                              mask_needs_grad, backend, *block_tensors_and_size):
-    if grad_weights is not None or mask_needs_grad:
-        backend = "reference"
-    impl = ATTENTION_BACKWARD[backend]
-    seed = _seed_value(dropout_seed)
+    module = backends.get(backend)
+    extras = module.BACKWARD_EXTRAS
+    if ((grad_weights is not None and "grad_weights" not in extras)
+            or (mask_needs_grad and "mask_grad" not in extras)
+            or (grad_lse is not None and "grad_lse" not in extras)):
+        module = reference
     block_mask = _block_list(block_tensors_and_size[:7] or _NO_BLOCK_TENSORS)
     block_size = block_tensors_and_size[7] if block_mask is not None else None
-    if block_mask is not None and backend in BLOCK_SPARSE_BACKENDS:
-        return impl(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
-                    dropout_p, scale, seed, block_mask, block_size)
-    attn_mask = _with_dense_blocks(attn_mask, q, k, block_mask, block_size)
-    if backend == "reference":
-        return impl(grad_out, grad_weights, q, k, v, attn_mask, key_padding_mask, is_causal,
-                    dropout_p, scale, seed, mask_needs_grad)
-    return impl(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
-                dropout_p, scale, seed)
+    return module.attention_backward(
+        grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+        _seed_value(dropout_seed), block_mask, block_size, grad_lse, grad_weights,
+        mask_needs_grad)
+
+
+@torch.library.custom_op("mmattn::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, grad_weights: Tensor | None, grad_lse: Tensor | None, q: Tensor,
+    k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None, is_causal: bool, dropout_p: float, scale: float,
+    dropout_seed: Tensor | None, mask_needs_grad: bool, backend: str,
+    kv_num_blocks: Tensor | None = None, kv_indices: Tensor | None = None,
+    q_num_blocks: Tensor | None = None, q_indices: Tensor | None = None,
+    full_blocks: Tensor | None = None, partial_index: Tensor | None = None,
+    partial_masks: Tensor | None = None, block_size: list[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused attention backward; returns ``(dq, dk, dv, d_attn_mask)`` (the last empty
+    unless ``mask_needs_grad``).
+
+    ``out`` and ``lse`` are the forward's saved outputs (kernels use them instead of
+    recomputing the softmax statistics); ``out`` is the float32 output when the forward
+    kept one.
+    """
+    dq, dk, dv, d_mask = _attention_backward_impl(
+        grad_out, grad_weights, grad_lse, q, k, v, out, lse, attn_mask, key_padding_mask,
+        is_causal, dropout_p, scale, dropout_seed, mask_needs_grad, backend,
+        kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks, partial_index,
+        partial_masks, block_size)
+    return dq, dk, dv, q.new_empty(0) if d_mask is None else d_mask
 
 
 @attention_backward.register_fake
-def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
-      dropout_p, scale, dropout_seed, mask_needs_grad, backend, *block_tensors_and_size):
+def _(grad_out, grad_weights, grad_lse, q, k, v, out, lse, attn_mask, key_padding_mask,
+      is_causal, dropout_p, scale, dropout_seed, mask_needs_grad, backend,
+      *block_tensors_and_size):
     b, hq, lq, _ = q.shape
     d_mask = q.new_empty(b, hq, lq, k.shape[2]) if mask_needs_grad else q.new_empty(0)
     if mask_needs_grad and attn_mask is not None:
@@ -229,41 +144,57 @@ def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask, is
 
 def _attention_setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-     _return_weights, backend, *block_tensors_and_size) = inputs
-    out, lse, _weights = output
+     _return_weights, _keep_fp32_out, backend, *block_tensors_and_size) = inputs
+    out, lse, _weights, out_fp32 = output
     block_tensors = tuple(block_tensors_and_size[:7]) or _NO_BLOCK_TENSORS
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
+    # The float32 output, when kept, gives the backward an exact rowsum(dO * O).
+    saved_out = out_fp32 if out_fp32.numel() else out
+    ctx.save_for_backward(q, k, v, saved_out, lse, attn_mask, key_padding_mask, dropout_seed,
                           *block_tensors)
     ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend = is_causal, dropout_p, scale, backend
     ctx.block_size = block_tensors_and_size[7] if len(block_tensors_and_size) > 7 else None
     ctx.num_inputs = len(inputs)
+    ctx.out_shape = out.shape
     ctx.mask_needs_grad = (
         attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
     )
     # An unused output must arrive as None, not as zeros: a zero gradient for the
-    # weights would send the backward to the reference for nothing.
+    # weights or the lse would send the backward to the reference for nothing.
     ctx.set_materialize_grads(False)
 
 
-def _attention_grads(run_backward, ctx, grad_out, grad_weights):
-    """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``."""
+def _attention_grads(run_backward, ctx, grad_out, grad_lse, grad_weights):
+    """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``, or by
+    the differentiable reference backward when a graph of the gradients is wanted."""
     (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
      *block_tensors) = ctx.saved_tensors
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
+        grad_out = q.new_zeros(ctx.out_shape)
+    if torch.is_grad_enabled():  # create_graph=True: double backward must be exact
+        run_backward = _attention_backward_differentiable
     dq, dk, dv, d_mask = run_backward(
-        grad_out.contiguous(), grad_weights, q, k, v, out, lse, attn_mask, key_padding_mask,
-        ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed, ctx.mask_needs_grad, ctx.backend,
-        *block_tensors, ctx.block_size,
+        grad_out.contiguous(), grad_weights, grad_lse, q, k, v, out, lse, attn_mask,
+        key_padding_mask, ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed,
+        ctx.mask_needs_grad, ctx.backend, *block_tensors, ctx.block_size,
     )
     grads = (dq, dk, dv, d_mask if ctx.mask_needs_grad else None)
     return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, grad_weights):
-    return _attention_grads(attention_backward, ctx, grad_out, grad_weights)
+def _attention_backward_differentiable(grad_out, grad_weights, grad_lse, q, k, v, out, lse,
+                                       attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                                       dropout_seed, mask_needs_grad, _backend,
+                                       *block_tensors_and_size):
+    return _attention_backward_impl(grad_out, grad_weights, grad_lse, q, k, v, out, lse,
+                                    attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                                    dropout_seed, mask_needs_grad, "reference",
+                                    *block_tensors_and_size)
+
+
+def _attention_backward(ctx, grad_out, grad_lse, grad_weights, _grad_out_fp32):
+    return _attention_grads(attention_backward, ctx, grad_out, grad_lse, grad_weights)
 
 
 torch.library.register_autograd(
@@ -283,15 +214,16 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _attention_forward_impl(*inputs)
         _attention_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(output[3])
         return output
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse, grad_weights):
-        return _attention_grads(_attention_backward_impl, ctx, grad_out, grad_weights)
+    def backward(ctx, grad_out, grad_lse, grad_weights, _grad_out_fp32):
+        return _attention_grads(_attention_backward_impl, ctx, grad_out, grad_lse,
+                                grad_weights)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
+def needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -301,18 +233,26 @@ def attention(
     return_weights: bool, backend: str, block_mask: list[Tensor] | None = None,
     block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Entry point of the attention forward: custom op when tracing, thin path in eager.
+    """Entry point of attention: custom op when tracing, thin path in eager.
 
-    ``block_mask``/``block_size``: a BlockMask as :func:`block_mask_args` lays it out.
+    Returns ``(out, lse, weights)``; gradients flow into all three. ``block_mask`` /
+    ``block_size``: a BlockMask as :func:`mmattn.backends.block_mask_tensors` lays it out.
     """
+    grad_wanted = needs_grad(q, k, v, attn_mask)
+    keep_fp32_out = grad_wanted and q.dtype in (torch.float16, torch.bfloat16)
     args = (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-            return_weights, backend, *(block_mask or _NO_BLOCK_TENSORS), block_size)
+            return_weights, keep_fp32_out, backend, *(block_mask or _NO_BLOCK_TENSORS),
+            block_size)
     if torch.compiler.is_compiling():
-        return torch.ops.mmattn.attention_forward.default(*args)
-    if _needs_grad(q, k, v, attn_mask):
-        return _EagerAttention.apply(*args)
-    return _attention_forward_impl(*args)
+        out, lse, weights, _ = torch.ops.mmattn.attention_forward.default(*args)
+    elif grad_wanted:
+        out, lse, weights, _ = _EagerAttention.apply(*args)
+    else:
+        out, lse, weights, _ = _attention_forward_impl(*args)
+    return out, lse, weights
 
+
+# ---- ws_linear -----------------------------------------------------------------------------
 
 @torch.library.custom_op("mmattn::ws_linear", mutates_args=())
 def ws_linear(
@@ -325,9 +265,9 @@ def ws_linear(
     The transposed index arrays are arguments so kernel backends can run dX as a
     transposed SpMM without building them per call.
     """
-    return WS_LINEAR_FORWARD[backend](x, values, crow_indices, col_indices, row_indices,
-                                      ccol_indices, row_indices_t, transpose_perm, out_features,
-                                      block_size, bias)
+    return backends.get(backend).ws_linear_forward(
+        x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+        transpose_perm, out_features, block_size, bias)
 
 
 @ws_linear.register_fake
@@ -340,36 +280,46 @@ def _(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indic
 def ws_linear_backward(
     grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
     row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
-    out_features: int, block_size: int, has_bias: bool, backend: str,
+    out_features: int, block_size: int, has_bias: bool, need_dx: bool, need_d_values: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dx, d_values, d_bias)``; ``d_values`` only on kept entries."""
-    return WS_LINEAR_BACKWARD[backend](grad_y, x, values, crow_indices, col_indices,
-                                       row_indices, ccol_indices, row_indices_t, transpose_perm,
-                                       out_features, block_size, has_bias)
+    """Gradients ``(dx, d_values, d_bias)``; ``d_values`` only on kept entries; a gradient
+    not asked for is an empty tensor."""
+    dx, d_values, d_bias = backends.get(backend).ws_linear_backward(
+        grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices,
+        row_indices_t, transpose_perm, out_features, block_size, has_bias, need_dx,
+        need_d_values)
+    empty = x.new_empty(0)
+    return (empty if dx is None else dx, empty if d_values is None else d_values,
+            empty if d_bias is None else d_bias)
 
 
 @ws_linear_backward.register_fake
 def _(grad_y, x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
-      transpose_perm, out_features, block_size, has_bias, backend):
+      transpose_perm, out_features, block_size, has_bias, need_dx, need_d_values, backend):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    d_values = values.new_empty(values.shape) if need_d_values else x.new_empty(0)
     d_bias = x.new_empty(out_features) if has_bias else x.new_empty(0)
-    return x.new_empty(x.shape), values.new_empty(values.shape), d_bias
+    return dx, d_values, d_bias
 
 
-def _ws_backward_table(grad_y, x, values, index, out_features, block_size, has_bias, backend,
-                       need_dx, need_d_values):
-    """Eager backward: the backend's function, told what to skip when it can."""
-    impl = WS_LINEAR_BACKWARD[backend]
-    args = (grad_y, x, values, *index, out_features, block_size, has_bias)
-    if backend in WS_LINEAR_BACKWARD_SKIPS_UNNEEDED:
-        return impl(*args, need_dx=need_dx, need_d_values=need_d_values)
-    return impl(*args)
+def _ws_backward_backend(grad_y, x, values, index, out_features, block_size, has_bias, backend,
+                         need_dx, need_d_values):
+    """Eager backward: the backend module's function (the reference one, differentiable,
+    when a graph of the gradients is wanted)."""
+    module = reference if torch.is_grad_enabled() else backends.get(backend)
+    return module.ws_linear_backward(grad_y, x, values, *index, out_features, block_size,
+                                     has_bias, need_dx, need_d_values)
 
 
 def _ws_backward_custom_op(grad_y, x, values, index, out_features, block_size, has_bias,
                            backend, need_dx, need_d_values):
-    """Traced backward: the ``mmattn::ws_linear_backward`` custom op (all gradients)."""
+    """Traced backward: the ``mmattn::ws_linear_backward`` custom op."""
+    if torch.is_grad_enabled():
+        return _ws_backward_backend(grad_y, x, values, index, out_features, block_size,
+                                    has_bias, backend, need_dx, need_d_values)
     return ws_linear_backward(grad_y, x, values, *index, out_features, block_size, has_bias,
-                              backend)
+                              need_dx, need_d_values, backend)
 
 
 def _ws_grads(run_backward, grad_y: Tensor, x: Tensor, values: Tensor,
@@ -395,9 +345,10 @@ def _ws_setup_context(ctx, inputs, output):
 
 def _ws_backward(ctx, grad_y):
     x, values, *index = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[10])
     dx, d_values, d_bias = _ws_grads(_ws_backward_custom_op, grad_y, x, values, tuple(index),
                                      ctx.out_features, ctx.block_size, ctx.has_bias,
-                                     ctx.backend, (True, True, True))
+                                     ctx.backend, needs)
     return dx, d_values, None, None, None, None, None, None, None, None, d_bias, None
 
 
@@ -411,8 +362,8 @@ class _EagerWSLinear(torch.autograd.Function):
     ``forward(ctx, ...)`` rather than a separate ``setup_context`` (with which
     ``Function.apply`` binds the arguments through ``inspect.signature`` on every call,
     ~40 us in torch 2.13), and four arguments (``apply`` visits each one): the int32
-    index tensors never need gradients and travel in ``meta`` on ``ctx``. Backends that
-    can skip unneeded gradients (frozen weights, inputs without grad) are told which.
+    index tensors never need gradients and travel in ``meta`` on ``ctx``. Backends are
+    told which gradients are needed (frozen weights, inputs without grad).
     """
 
     @staticmethod
@@ -421,13 +372,14 @@ class _EagerWSLinear(torch.autograd.Function):
         ctx.save_for_backward(x, values)
         ctx.meta = meta
         ctx.has_bias = bias is not None
-        return WS_LINEAR_FORWARD[backend](x, values, *index, out_features, block_size, bias)
+        return backends.get(backend).ws_linear_forward(x, values, *index, out_features,
+                                                       block_size, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, values = ctx.saved_tensors
         index, out_features, block_size, backend = ctx.meta
-        dx, d_values, d_bias = _ws_grads(_ws_backward_table, grad_y, x, values, index,
+        dx, d_values, d_bias = _ws_grads(_ws_backward_backend, grad_y, x, values, index,
                                          out_features, block_size, ctx.has_bias, backend,
                                          ctx.needs_input_grad)
         return dx, d_values, d_bias, None
@@ -445,40 +397,25 @@ def ws_linear_apply(
             transpose_perm, out_features, block_size, bias, backend)
     index = (crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
              transpose_perm)
-    # _needs_grad spelled out: its generator costs a microsecond at seed sizes
+    # needs_grad spelled out: its generator costs a microsecond at seed sizes
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return _EagerWSLinear.apply(x, values, bias, (index, out_features, block_size, backend))
-    return WS_LINEAR_FORWARD[backend](x, values, *index, out_features, block_size, bias)
+    return backends.get(backend).ws_linear_forward(x, values, *index, out_features, block_size,
+                                                   bias)
 
 
-# ---- fake kernels of the C++ operators in mmattn._C (shapes only, for tracing) -----------
+# ---- fake kernel of the Philox op of mmattn._C (shapes only, for tracing) -----------------
 
-def _register_extension_fakes() -> None:
-    from mmattn._extension import extension_loaded
+def _register_philox_fake() -> None:
+    from mmattn._extension import has_kernel
 
-    if not extension_loaded():
+    if not has_kernel("philox_uniform", "CPU"):
         return
 
     @torch.library.register_fake("mmattn::philox_uniform")
-    def _(counter0, counter1, seed):
+    def _(counter0, counter1, seed, counter2=None):
         return torch.empty_like(counter0, dtype=torch.float32)
 
-    @torch.library.register_fake("mmattn::ws_spmm")
-    def _(x, values, crow_indices, col_indices, out_features, block_size, bias):
-        return x.new_empty(x.shape[0], out_features)
 
-    @torch.library.register_fake("mmattn::ws_sddmm")
-    def _(grad_y, x, crow_indices, col_indices, block_size):
-        nnz = col_indices.shape[0]
-        return x.new_empty((nnz,) if block_size == 1 else (nnz, block_size, block_size))
-
-    @torch.library.register_fake("mmattn::ws_spmm_backward")
-    def _(grad_y, x, values, crow_indices, col_indices, ccol_indices, row_indices_t,
-          transpose_perm, block_size, has_bias, need_dx=True, need_d_values=True):
-        dx = x.new_empty(x.shape if need_dx else (0,))
-        d_values = values.new_empty(values.shape if need_d_values else (0,))
-        return dx, d_values, x.new_empty(grad_y.shape[1] if has_bias else 0)
-
-
-_register_extension_fakes()
+_register_philox_fake()

@@ -7,36 +7,10 @@ import weakref
 import torch
 from torch import Tensor
 
-from mmattn import dispatch, ops
+from mmattn import backends, dispatch, ops
 from mmattn.layout import SparseLayout
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The C++ kernels (mmattn::ws_spmm, csrc/cpu/ws_linear_cpu.cpp) compute in float32;
-# float64 calls go to the reference.
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# Whether mmattn._C has the kernel, per device type: fixed once the extension is
-# imported, so read once here (the query costs microseconds per call, and torch.compile
-# could not trace it).
-_EXTENSION_REASON = {device_type: dispatch.extension_reason("ws_spmm", torch.device(device_type))
-                     for device_type in ("cpu", "cuda")}
-
-
-def _unsupported(backend: str, x: Tensor) -> str | None:
-    if backend == "reference":
-        return None
-    if backend not in ops.WS_LINEAR_FORWARD:
-        return f"no {backend} ws_linear kernel is built into this mmattn"
-    device_type = x.device.type
-    if backend in ("cpu", "cuda") and device_type != backend:
-        return f"the {backend} backend needs {backend} tensors, got {device_type}"
-    if backend in ("cpu", "cuda"):
-        if x.dtype not in _KERNEL_DTYPES:
-            return (f"the {backend} ws_linear kernel supports float32/float16/bfloat16, "
-                    f"got {x.dtype}")
-        return _EXTENSION_REASON[device_type]
-    return dispatch.triton_reason(x.device)
 
 
 # SparseLayout -> its copies on other devices, so a layout used with CUDA tensors is
@@ -126,7 +100,8 @@ def ws_linear_indexed(x: Tensor, weight: Tensor, index: tuple[Tensor, ...],
 
 
 # (device type, dtype) -> the automatic backend choice, which depends on nothing else
-# (see _unsupported); filled by eager calls, saving a microsecond per seed-sized call.
+# (the backends' ws_linear_unsupported); filled by eager calls, saving a microsecond
+# per seed-sized call.
 _AUTO_CHOICE: dict[tuple[str, torch.dtype], str] = {}
 
 
@@ -136,8 +111,9 @@ def _call(x: Tensor, weight: Tensor, index: tuple[Tensor, ...], out_features: in
     key = (x.device.type, x.dtype)
     name = _AUTO_CHOICE.get(key) if automatic else None
     if name is None:
-        name = dispatch.resolve_backend("ws_linear", x.device, backend,
-                                        lambda b: _unsupported(b, x))
+        name = dispatch.resolve_backend(
+            "ws_linear", x.device, backend,
+            lambda candidate: backends.get(candidate).ws_linear_unsupported(x))
         if automatic and not torch.compiler.is_compiling():
             _AUTO_CHOICE[key] = name
     return ops.ws_linear_apply(x, weight, *index, out_features, block_size, bias, name)

@@ -16,8 +16,9 @@ import torch
 from tolerance import assert_within_rule, max_error
 
 import mmattn
-from mmattn import BlockMask, _cpu_attention, _extension, dispatch
+from mmattn import BlockMask, _extension, backends
 from mmattn.attention import cross_attention
+from mmattn.backends import cpu as cpu_backend
 
 pytestmark = pytest.mark.skipif(
     not _extension.has_kernel("fused_attention_fwd", "CPU"),
@@ -94,33 +95,31 @@ def check_against_reference(q, k, v, *, grads=True, dtype=torch.float32, **kwarg
 def test_auto_dispatch_picks_the_cpu_kernel():
     q, k, v = _qkv((1, 2, 2, 5, 6, 8, 8))
 
-    def pick(t):
-        return dispatch.resolve_backend(
-            "cross_attention", t.device, None,
-            lambda c: mmattn.attention._unsupported(c, t, dropout=False, weights=False))
+    def pick(dtype):
+        return mmattn.attention.attention_backend(q.to(dtype), k.to(dtype), v.to(dtype))
 
-    assert pick(q) == "cpu"
-    assert pick(q.bfloat16()) == "cpu"
-    assert pick(q.double()) == "reference"
+    assert pick(torch.float32) == "cpu"
+    assert pick(torch.bfloat16) == "cpu"
+    assert pick(torch.float64) == "reference"
     with pytest.raises(mmattn.BackendUnavailableError, match="float64"):
         cross_attention(q.double(), k.double(), v.double(), backend="cpu")
 
 
 def test_kernel_isa_is_reported():
-    assert _cpu_attention.kernel_isa() in ("avx512", "avx2", "generic")
+    assert cpu_backend.kernel_isa() in ("avx512", "avx2", "generic")
 
 
 def test_direct_op_call_rejects_bad_shapes_before_running():
     q, k, v = _qkv((1, 2, 2, 5, 6, 8, 8))
     with pytest.raises(RuntimeError, match="head_dim"):
-        _cpu_attention.attention_forward(q, k[..., :4], v, None, None, False, 0.0, 1.0, None,
+        cpu_backend.attention_forward(q, k[..., :4], v, None, None, False, 0.0, 1.0, None,
                                          False)
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
-        _cpu_attention.attention_forward(q, k[:, :1].expand(1, 3, 6, 8).contiguous()[:, :3],
+        cpu_backend.attention_forward(q, k[:, :1].expand(1, 3, 6, 8).contiguous()[:, :3],
                                          v[:, :1].expand(1, 3, 6, 8), None, None, False, 0.0,
                                          1.0, None, False)
     with pytest.raises(RuntimeError, match="attn_mask"):
-        _cpu_attention.attention_forward(q, k, v, torch.ones(1, 2, 5, 7, dtype=torch.bool),
+        cpu_backend.attention_forward(q, k, v, torch.ones(1, 2, 5, 7, dtype=torch.bool),
                                          None, False, 0.0, 1.0, None, False)
 
 
@@ -164,9 +163,9 @@ def test_empty_value_dim():
 
 def test_scale_and_lse():
     q, k, v = _qkv((1, 2, 2, 20, 30, 16, 16))
-    out, lse, _ = _cpu_attention.attention_forward(q, k, v, None, None, False, 0.0, 0.37, None,
-                                                   False)
-    ref_out, ref_lse, _ = mmattn.reference.attention_forward(
+    out, lse, _, _ = cpu_backend.attention_forward(q, k, v, None, None, False, 0.0, 0.37,
+                                                   None, False)
+    ref_out, ref_lse, _ = mmattn.backends.reference.attention_math(
         q.double(), k.double(), v.double(), None, None, False, 0.0, 0.37, None, False)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
@@ -196,7 +195,7 @@ def test_softmax_exp_accuracy_over_a_wide_range():
     scores = scores.float().double()
     q = torch.zeros(1, 1, 1, 16)
     k, v = torch.randn(1, 1, lk, 16), torch.randn(1, 1, lk, 16)
-    _, _, weights = _cpu_attention.attention_forward(
+    _, _, weights, _ = cpu_backend.attention_forward(
         q, k, v, scores.float().view(1, 1, 1, lk), None, False, 0.0, 1.0, None, True)
     weights = weights.double().view(-1)
     ratio = weights / weights[scores.argmax()]
@@ -318,7 +317,7 @@ def test_every_instruction_set_agrees(isa, monkeypatch):
                   dropout_seed=99, return_weights=True)
     monkeypatch.setenv("MMATTN_CPU_ISA", isa)
     try:
-        assert _cpu_attention.kernel_isa() == isa
+        assert cpu_backend.kernel_isa() == isa
     except RuntimeError:
         pytest.skip(f"this CPU has no {isa}")
     ours = check_against_reference(q, k, v, **kwargs)
@@ -336,18 +335,18 @@ def test_opcheck_kernel_ops():
     q, k, v = _qkv((1, 4, 2, 7, 9, 8, 12))
     mask = _bool_mask(1, 1, 7, 9).expand(1, 4, 7, 9)
     args = (q, k, v, mask, torch.rand(1, 9) < 0.2, True, 0.2, 0.5, 11, True,
-            *_cpu_attention._NO_BLOCKS)
+            *cpu_backend._NO_BLOCKS)
     torch.library.opcheck(torch.ops.mmattn.fused_attention_fwd.default, args)
     out, lse, _ = torch.ops.mmattn.fused_attention_fwd(*args)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(torch.ops.mmattn.fused_attention_bwd.default,
-                          (grad_out, q, k, v, out, lse, *args[3:9], *_cpu_attention._NO_BLOCKS))
+                          (grad_out, q, k, v, out, lse, *args[3:9], *cpu_backend._NO_BLOCKS))
 
 
 def test_opcheck_attention_forward_with_cpu_backend():
     q, k, v = (t.requires_grad_() for t in _qkv((2, 2, 1, 6, 10, 8, 8)))
     seed = torch.tensor(5, dtype=torch.int64)
-    args = (q, k, v, None, torch.rand(2, 10) < 0.2, False, 0.1, 0.35, seed, False, "cpu")
+    args = (q, k, v, None, torch.rand(2, 10) < 0.2, False, 0.1, 0.35, seed, False, False, "cpu")
     torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
 
 
@@ -503,10 +502,11 @@ def test_opcheck_attention_forward_with_block_mask():
     q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, 40, 50, 8, 8)))
     block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 1, 40, 50, 16, 16, 1),
                                            16)
-    tensors, size = mmattn.ops.block_mask_args(block_mask)
-    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, "cpu", *tensors, size)
+    tensors, size = backends.block_mask_tensors(block_mask), list(block_mask.block_size)
+    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, False, "cpu", *tensors, size)
     torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
-    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, "reference", *tensors, size)
+    args = (q, k, v, None, None, False, 0.0, 0.35, None, False, False, "reference", *tensors,
+            size)
     torch.library.opcheck(torch.ops.mmattn.attention_forward.default, args)
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import mmattn
-from mmattn import dispatch
 from mmattn._extension import has_kernel
+from mmattn.backends import triton as triton_backend
 from mmattn.philox import dropout_counters, dropout_keep_mask, philox_bits, philox_uniform
 
 SEEDS = [0, 1, 42, 2**31 - 1, 2**31, 2**32 + 5, 2**40 + 7, 2**63 - 1]
 needs_ext = pytest.mark.skipif(not has_kernel("philox_uniform", "CPU"),
                                reason="mmattn._C not built")
-needs_triton = pytest.mark.skipif(dispatch.triton_reason(torch.device("cpu")) is not None,
+needs_triton = pytest.mark.skipif(triton_backend.device_reason(torch.device("cpu")) is not None,
                                   reason="Triton interpreter unavailable")
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmattn.backends.reference import layout_to_dense_weight
 from mmattn.layout import SparseLayout
-from mmattn.reference import layout_to_dense_weight
 from mmattn.ws import ws_linear_indexed
 
 _PERSISTENT_INDEX = ("crow_indices", "col_indices")

@@ -1,11 +1,13 @@
-"""Pure-PyTorch reference implementations: the fallback backend and the test oracle.
+"""The ``reference`` backend: pure PyTorch, the fallback on every device and the test oracle.
 
-They materialise the full ``(B, Hq, Lq, Lk)`` score matrix and favour clarity over
+It materialises the full ``(B, Hq, Lq, Lk)`` score matrix and favours clarity over
 speed. Arithmetic runs in float32 for half inputs and in float64 for float64
-inputs, so a float64 call is the oracle every backend is measured against.
+inputs, so a float64 call is the oracle every backend is measured against. Its
+backward is written in differentiable torch operations, so it also serves double
+backward for every backend (:mod:`mmattn.ops`).
 
 Inputs arrive validated and normalised by :mod:`mmattn.attention` /
-:mod:`mmattn.ws`; these functions do not re-check them.
+:mod:`mmattn.ws`; these functions do not re-check them. Interface: :mod:`mmattn.backends`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ import torch
 from torch import Tensor
 
 from mmattn.philox import dropout_keep_mask
+
+NAME = "reference"
+BACKWARD_EXTRAS = frozenset({"grad_weights", "mask_grad", "grad_lse"})
+
+
+def attention_unsupported(call) -> str | None:
+    return None
+
+
+def ws_linear_unsupported(x: Tensor) -> str | None:
+    return None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -113,7 +126,59 @@ def block_mask_to_dense(full: Tensor, partial_index: Tensor, partial_masks: Tens
     return dense[:, :, :lq, :lk]
 
 
+def with_dense_blocks(attn_mask: Tensor | None, q: Tensor, k: Tensor,
+                      block_mask: list[Tensor] | None,
+                      block_size: list[int] | None) -> Tensor | None:
+    """``attn_mask`` AND a block mask (as :func:`mmattn.backends.block_mask_tensors` lays
+    it out), as one element mask broadcast to (B, Hq, Lq, Lk); for backends without
+    block-sparse kernels."""
+    if block_mask is None:
+        return attn_mask
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    _, _, _, _, full, partial_index, partial_masks = block_mask
+    dense = block_mask_to_dense(full, partial_index, partial_masks, tuple(block_size), (lq, lk))
+    dense = dense.expand(b, hq, lq, lk)
+    if attn_mask is None:
+        return dense
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & dense
+    return attn_mask.masked_fill(~dense, -math.inf)
+
+
 def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float, dropout_seed: int | None,
+    return_weights: bool, block_mask: list[Tensor] | None = None,
+    block_size: list[int] | None = None, keep_fp32_out: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backend interface (:mod:`mmattn.backends`): :func:`attention_math` with the block
+    mask folded into the element mask."""
+    attn_mask = with_dense_blocks(attn_mask, q, k, block_mask, block_size)
+    out, lse, weights = attention_math(q, k, v, attn_mask, key_padding_mask, is_causal,
+                                       dropout_p, scale, dropout_seed, return_weights)
+    keep = keep_fp32_out and q.dtype in (torch.float16, torch.bfloat16)
+    return out.to(q.dtype), lse, weights, out if keep else q.new_empty(0)
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+    dropout_p: float, scale: float, dropout_seed: int | None,
+    block_mask: list[Tensor] | None = None, block_size: list[int] | None = None,
+    grad_lse: Tensor | None = None, grad_weights: Tensor | None = None,
+    mask_needs_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Backend interface (:mod:`mmattn.backends`): :func:`attention_backward_math` with the
+    block mask folded into the element mask (``out`` and ``lse`` are not needed)."""
+    attn_mask = with_dense_blocks(attn_mask, q, k, block_mask, block_size)
+    dq, dk, dv, d_mask = attention_backward_math(
+        grad_out, grad_weights, q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
+        scale, dropout_seed, mask_needs_grad, grad_lse)
+    return dq, dk, dv, d_mask if mask_needs_grad else None
+
+
+def attention_math(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: int | None,
     return_weights: bool,
@@ -131,8 +196,9 @@ def attention_forward(
         return_weights: also return the (dropped-out) probabilities.
 
     Returns:
-        ``out`` (B, Hq, Lq, Dv) in q's dtype, ``lse`` (B, Hq, Lq) float32 (+inf for
-        rows with no visible key) and ``weights`` (B, Hq, Lq, Lk) in q's dtype, or an
+        ``out`` (B, Hq, Lq, Dv) in the compute dtype (float64 for float64 inputs, else
+        float32; not yet rounded to q's dtype), ``lse`` (B, Hq, Lq) in the compute dtype
+        (+inf for rows with no visible key) and ``weights`` (B, Hq, Lq, Lk) in q's dtype, or an
         empty tensor when ``return_weights`` is False.
     """
     scores, visible = _scores_and_visibility(q, k, attn_mask, key_padding_mask, is_causal, scale)
@@ -141,23 +207,25 @@ def attention_forward(
     if drop is not None:
         probs = probs * drop
     v_full = _expand_kv_heads(v, q.shape[1]).to(probs.dtype)
-    out = torch.matmul(probs, v_full).to(q.dtype)
+    out = torch.matmul(probs, v_full)
     weights = probs.to(q.dtype) if return_weights else q.new_empty(0)
-    return out, lse.to(torch.float32), weights
+    return out, lse.to(_compute_dtype(q.dtype)), weights
 
 
-def attention_backward(
+def attention_backward_math(
     grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
     attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
     dropout_p: float, scale: float, dropout_seed: int | None, mask_needs_grad: bool,
+    grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reference attention backward, written out as the fused kernels compute it.
 
-    With ``P`` the softmax, ``Z`` the dropout factor and ``dW`` the gradient of the
-    returned weights: ``dV = (P*Z)^T dO``, ``dP = (dO V^T + dW) * Z``,
-    ``dS = P * (dP - rowsum(dP * P))``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``;
-    for a float ``attn_mask`` the mask gradient is ``dS``. Rows with no visible
-    key have ``P = 0`` and so contribute no gradient.
+    With ``P`` the softmax, ``Z`` the dropout factor, ``dW`` the gradient of the
+    returned weights and ``dL`` the gradient of the log-sum-exp:
+    ``dV = (P*Z)^T dO``, ``dP = (dO V^T + dW) * Z``,
+    ``dS = P * (dP - rowsum(dP * P) + dL)``, ``dQ = scale * dS K``,
+    ``dK = scale * dS^T Q``; for a float ``attn_mask`` the mask gradient is ``dS``.
+    Rows with no visible key have ``P = 0`` and so contribute no gradient.
 
     Returns:
         dq, dk, dv in the input dtypes, and the (B, Hq, Lq, Lk) mask gradient (an
@@ -177,7 +245,10 @@ def attention_backward(
     if grad_weights is not None:
         d_dropped = d_dropped + grad_weights.to(dtype)
     d_probs = d_dropped if drop is None else d_dropped * drop
-    d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True))
+    row_term = (d_probs * probs).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        row_term = row_term - grad_lse.to(dtype).unsqueeze(-1)
+    d_scores = probs * (d_probs - row_term)
     dq = torch.matmul(d_scores, k_full) * scale
     dk = torch.matmul(d_scores.transpose(-1, -2), q.to(dtype)) * scale
     d_mask = d_scores if mask_needs_grad else q.new_empty(0)
@@ -215,7 +286,7 @@ def layout_to_dense_weight(
     return dense[:out_features, :in_features]
 
 
-def ws_linear(
+def ws_linear_forward(
     x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_indices: Tensor,
     ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
     block_size: int, bias: Tensor | None,
@@ -233,21 +304,28 @@ def ws_linear(
 def ws_linear_backward(
     grad_y: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
     row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
-    out_features: int, block_size: int, has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference gradients of :func:`ws_linear`: ``(dx, d_values, d_bias)``.
+    out_features: int, block_size: int, has_bias: bool, need_dx: bool = True,
+    need_d_values: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Reference gradients of :func:`ws_linear_forward`: ``(dx, d_values, d_bias)``.
 
     ``d_values`` is the dense ``dy^T x`` read at the kept entries (blocks), so
-    dropped entries never receive a gradient; ``d_bias`` is empty without a bias.
+    dropped entries never receive a gradient. A gradient not asked for (``need_*``
+    False, or no bias) is None. Differentiable torch operations only, so it serves
+    double backward too.
     """
     in_features = x.shape[-1]
     dtype = _compute_dtype(x.dtype)
-    weight = layout_to_dense_weight(
-        values.to(dtype), crow_indices, col_indices, out_features, in_features, block_size)
     gy = grad_y.reshape(-1, out_features).to(dtype)
-    x2 = x.reshape(-1, in_features).to(dtype)
-    dx = (gy @ weight).reshape(x.shape).to(x.dtype)
-    d_dense = gy.t() @ x2
+    d_bias = gy.sum(0).to(x.dtype) if has_bias else None
+    dx = d_values = None
+    if need_dx:
+        weight = layout_to_dense_weight(
+            values.to(dtype), crow_indices, col_indices, out_features, in_features, block_size)
+        dx = (gy @ weight).reshape(x.shape).to(x.dtype)
+    if not need_d_values:
+        return dx, None, d_bias
+    d_dense = gy.t() @ x.reshape(-1, in_features).to(dtype)
     if block_size == 1:
         d_values = d_dense[row_indices.long(), col_indices.long()]
     else:
@@ -257,5 +335,4 @@ def ws_linear_backward(
         padded[:out_features, :in_features] = d_dense
         blocks = padded.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3)
         d_values = blocks[row_indices.long(), col_indices.long()]
-    d_bias = gy.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
     return dx, d_values.to(values.dtype), d_bias
