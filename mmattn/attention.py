@@ -102,14 +102,27 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
         raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
                          f"(B, Hq, Lq, Lk) = {target}")
     if (attn_mask.requires_grad and attn_mask.dtype in _HALF_DTYPES
-            and attn_mask.shape != target and torch.is_grad_enabled()):
-        # The mask's gradient is (B, Hq, Lq, Lk), summed over its broadcast dimensions by
-        # the backward of expand, in the dtype of the expanded tensor. In half precision
-        # every element would be rounded before that sum (errors of 1e-3 where the exact
-        # gradient is 0); expanding a float32 copy sums in float32 and rounds once, in the
-        # backward of this cast.
-        attn_mask = attn_mask.float()
+            and torch.is_grad_enabled()):
+        attn_mask = _float32_broadcast_base(attn_mask, target)
     return attn_mask.expand(target)
+
+
+def _float32_broadcast_base(mask: Tensor, target: tuple[int, ...]) -> Tensor:
+    """A half-precision mask that requires grad, as a float32 tensor to expand.
+
+    The mask's gradient is (B, Hq, Lq, Lk), summed over its broadcast dimensions by the
+    backward of expand, in the dtype of the expanded tensor: in half precision every
+    element would be rounded before that sum (errors of 1e-3 where the exact gradient is
+    0). Expanding a float32 copy sums in float32 and rounds once, in the backward of the
+    cast. Dimensions the caller expanded already (stride 0) are cut to size 1 first, so
+    that sum runs here too (the caller's expand then sums one nonzero slice).
+    """
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(mask.shape, mask.stride(), strict=True))
+    base = mask[index]
+    if base.shape == target:  # nothing to sum: the gradient is rounded once anyway
+        return mask
+    return base.float()
 
 
 def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,

@@ -114,11 +114,13 @@ def test_double_backward_passes_gradgradcheck_on_the_reference():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_ws_linear_double_backward_is_exact(backend):
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_ws_linear_double_backward_is_exact(backend, block_size):
     mask = torch.rand(6, 9) < 0.4
-    layout = mmattn.SparseLayout.from_mask(mask)
+    layout = mmattn.SparseLayout.from_mask(mask, block_size=block_size)
     x = torch.randn(3, 9, requires_grad=True)
-    values = torch.randn(layout.nnz, requires_grad=True)
+    shape = (layout.nnz,) if block_size == 1 else (layout.nnz, block_size, block_size)
+    values = torch.randn(shape, requires_grad=True)
     bias = torch.randn(6, requires_grad=True)
 
     def second(x, values, bias, backend):
@@ -213,3 +215,8 @@ def test_low_precision_mask_gradient_is_summed_in_float32(backend, mask_dtype):
     exact, = torch.autograd.grad(out64.pow(2).sum(), s64)
     ulp = torch.finfo(mask_dtype).eps
     assert bool(((grad.double() - exact).abs() <= exact.abs() * ulp + 1e-5).all())
+    # expanded by the caller (stride 0) rather than broadcast: summed in float32 too
+    row = row.detach().requires_grad_()
+    out = mmattn.cross_attention(q, k, v, attn_mask=row.expand(2, 4, 33, 47), backend=backend)
+    grad, = torch.autograd.grad(out.pow(2).sum(), row)
+    assert grad.abs().max() < 1e-5
