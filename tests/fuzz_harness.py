@@ -189,7 +189,7 @@ def write_report(path: str) -> None:
 
 def run(op: str, case: dict[str, Any], variant_name: str | None = None) -> None:
     """Check one case (on one variant, or on every variant that supports it)."""
-    chosen = [variant(variant_name)] if variant_name else None
+    chosen = [variant(variant_name)] if variant_name not in (None, "-") else None
     {"attention": check_attention, "block_mask": check_block_mask,
      "ws_linear": check_ws_linear}[op](case, chosen)
 
