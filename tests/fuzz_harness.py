@@ -331,8 +331,9 @@ def attention_math(q, k, v, *, bool_mask, float_mask, kpm, causal, scale, keep, 
     """Plain attention in ``compute`` (float32 or float64): the rule's same-dtype
     reference (float32 compute for float32/half inputs, outputs rounded to the input dtype)
     and, in float64, the oracle. Rows with no visible key give 0 and an lse of +inf.
-    ``sdpa_scaling``: ``sqrt(scale)`` on q and on k before the product, as SDPA's math;
-    else the product times ``scale``."""
+    ``sdpa_scaling``: as SDPA's math, ``sqrt(scale)`` on q and on k before the product and
+    ``torch.softmax`` / ``torch.logsumexp``; else the product times ``scale`` and an
+    explicit max-shifted exp / sum (the two round differently, also in float64)."""
     in_dtype = q.dtype
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     group = qc.shape[1] // kc.shape[1]
@@ -354,17 +355,23 @@ def attention_math(q, k, v, *, bool_mask, float_mask, kpm, causal, scale, keep, 
         visible = visible & torch.ones(lq, lk, dtype=torch.bool).tril()
     visible = visible & (scores > -math.inf)
     scores = scores.masked_fill(~visible, -math.inf)
-    if lk:
-        row_max = scores.detach().amax(-1, keepdim=True)
+    has = visible.any(-1, keepdim=True)
+    if sdpa_scaling:
+        # rows with no visible key get finite scores, so no NaN reaches the gradients
+        safe_scores = torch.where(has, scores, 0.0)
+        probs = torch.where(has, torch.softmax(safe_scores, -1), 0.0)
+        lse = torch.where(has.squeeze(-1), torch.logsumexp(safe_scores, -1), math.inf)
     else:
-        row_max = scores.new_zeros(*scores.shape[:-1], 1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    e = torch.exp(scores - row_max).masked_fill(~visible, 0.0)
-    denom = e.sum(-1, keepdim=True)
-    has = denom > 0
-    safe = torch.where(has, denom, 1.0)
-    probs = torch.where(has, e / safe, 0.0)
-    lse = torch.where(has, row_max + torch.log(safe), math.inf).squeeze(-1)
+        if lk:
+            row_max = scores.detach().amax(-1, keepdim=True)
+        else:
+            row_max = scores.new_zeros(*scores.shape[:-1], 1)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        e = torch.exp(scores - row_max).masked_fill(~visible, 0.0)
+        denom = e.sum(-1, keepdim=True)
+        safe = torch.where(has, denom, 1.0)
+        probs = torch.where(has, e / safe, 0.0)
+        lse = torch.where(has, row_max + torch.log(safe), math.inf).squeeze(-1)
     if keep is not None:
         factor = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         probs = probs * (keep.to(compute) * factor)
