@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint wheel-check env clean
+.PHONY: run test lint wheel-check sanitize env clean
 
 env:
 	bash scripts/dev_env.sh
@@ -20,5 +20,10 @@ test: env
 wheel-check: env
 	bash scripts/check_wheel.sh
 
+## sanitize: mmattn._C built with ASan+UBSan in .sanitize/, the CPU tests run against it
+sanitize: env
+	bash scripts/sanitize.sh
+
 clean:
-	rm -rf build dist .wheelcheck *.egg-info mmattn/_C*.so mmattn/_build_info.py
+	rm -rf build dist .wheelcheck .sanitize .sanitize.*.log *.egg-info mmattn/_C*.so \
+		mmattn/_build_info.py

@@ -13,6 +13,8 @@ Environment:
   MAX_JOBS                 parallel compile jobs (default: CPU count)
   NVCC_THREADS             nvcc --threads per job (default 2)
   MMATTN_LOCAL_VERSION     local version tag; default "cu<major>" when CUDA is compiled
+  MMATTN_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer on the host C++
+                           (for `make sanitize`; loading needs LD_PRELOAD of libasan)
   CUDA_HOME                CUDA toolkit root (default: from nvcc on PATH)
 """
 
@@ -121,6 +123,12 @@ class MMAttnBuildExt(build_ext):
         ]
         ext.include_dirs = [*ext.include_dirs, *torch_includes]
         ext.extra_compile_args = ["-std=c++17", "-O3", "-fvisibility=hidden", *common_defines]
+        if _sanitize():
+            # Host C++ only (nvcc code is not instrumented). -O1 -g: readable reports;
+            # -fno-sanitize-recover=undefined stops at the first UB so a test fails.
+            flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+            ext.extra_compile_args += [*flags, "-O1", "-fno-sanitize-recover=undefined"]
+            ext.extra_link_args = [*ext.extra_link_args, *flags]
         ext.library_dirs = [*ext.library_dirs, *library_paths()]
         ext.libraries = [*ext.libraries, "torch", "torch_cpu", "c10"]
 
@@ -171,7 +179,9 @@ class MMAttnBuildExt(build_ext):
             '"""Written by setup.py at build time: what mmattn._C was compiled with."""\n\n'
             + "".join(f"{k.upper()} = {v!r}\n" for k, v in info.items())
         )
-        targets = [ROOT / "mmattn" / "_build_info.py"]
+        # A sanitizer build goes to its own build dir and leaves the source tree's record
+        # (that of the dev install) alone.
+        targets = [] if _sanitize() else [ROOT / "mmattn" / "_build_info.py"]
         if not self.inplace:
             targets.append(Path(self.build_lib) / "mmattn" / "_build_info.py")
         for target in targets:
@@ -181,6 +191,10 @@ class MMAttnBuildExt(build_ext):
     def get_ext_filename(self, ext_name: str) -> str:
         # abi3 name so one .so serves every CPython >= 3.10.
         return os.path.join(*ext_name.split(".")) + ".abi3.so"
+
+
+def _sanitize() -> bool:
+    return os.environ.get("MMATTN_SANITIZE", "0").strip() not in ("", "0")
 
 
 def _version() -> str:

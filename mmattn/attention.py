@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -13,7 +14,33 @@ from mmattn.backends import AttentionCall
 from mmattn.block_mask import BlockMask
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_SEED = 2**63 - 1
+_STRIDED = torch.strided
+
+
+def _layout_error(name: str, t: Tensor) -> TypeError:
+    """The error for a tensor that is not a plain dense (strided) tensor: sparse, mkldnn or
+    nested tensors reach no kernel."""
+    kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+    return TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor; convert it "
+                     f"with .to_dense() (or torch.nested.to_padded_tensor)")
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """A bool argument: Python or NumPy bool (truthy strings or ints are mistakes)."""
+    if value is True or value is False:
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_real(name: str, value: Any) -> float:
+    """A real scalar argument as a float: Python or NumPy ints and floats, not bools."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -24,6 +51,8 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout is not _STRIDED:  # sparse, mkldnn, jagged nested
+            raise _layout_error(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim), got shape "
                              f"{_shape(t)}")
@@ -34,7 +63,11 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
-    (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
+    try:
+        (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
+    except RuntimeError:  # a strided nested tensor has no sizes
+        name, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t.is_nested)
+        raise _layout_error(name, t) from None
     if not (b == bk == bv):
         raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {bv}")
     if hkv != hv:
@@ -54,6 +87,8 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
         return None
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.layout is not _STRIDED or attn_mask.is_nested:
+        raise _layout_error("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True = may attend) or floating point (added "
                         f"to the scores), got {attn_mask.dtype}")
@@ -66,7 +101,28 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
     if attn_mask.dim() > 4 or broadcast != target:
         raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
                          f"(B, Hq, Lq, Lk) = {target}")
+    if (attn_mask.requires_grad and attn_mask.dtype in _HALF_DTYPES
+            and torch.is_grad_enabled()):
+        attn_mask = _float32_broadcast_base(attn_mask, target)
     return attn_mask.expand(target)
+
+
+def _float32_broadcast_base(mask: Tensor, target: tuple[int, ...]) -> Tensor:
+    """A half-precision mask that requires grad, as a float32 tensor to expand.
+
+    The mask's gradient is (B, Hq, Lq, Lk), summed over its broadcast dimensions by the
+    backward of expand, in the dtype of the expanded tensor: in half precision every
+    element would be rounded before that sum (errors of 1e-3 where the exact gradient is
+    0). Expanding a float32 copy sums in float32 and rounds once, in the backward of the
+    cast. Dimensions the caller expanded already (stride 0) are cut to size 1 first, so
+    that sum runs here too (the caller's expand then sums one nonzero slice).
+    """
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(mask.shape, mask.stride(), strict=True))
+    base = mask[index]
+    if base.shape == target:  # nothing to sum: the gradient is rounded once anyway
+        return mask
+    return base.float()
 
 
 def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
@@ -81,6 +137,9 @@ def _block_mask_args(block_mask: Any, b: int, hq: int, lq: int, lk: int,
     if tuple(block_mask.seq_lengths) != (lq, lk):
         raise ValueError(f"block_mask covers (Lq, Lk) = {tuple(block_mask.seq_lengths)}, the "
                          f"call has {(lq, lk)}")
+    if device.type == "meta":
+        raise ValueError("block_mask cannot be used with tensors on the meta device: a "
+                         "BlockMask's kernels need its data (pass it with real tensors)")
     bm, hm = block_mask.layout.shape[:2]
     if bm not in (1, b) or hm not in (1, hq):
         raise ValueError(f"block_mask has (Bm, Hm) = {(bm, hm)}; they must be 1 or "
@@ -130,21 +189,33 @@ def _prepare_call(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any, key_padding_m
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding), got "
                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+        if key_padding_mask.layout is not _STRIDED or key_padding_mask.is_nested:
+            raise _layout_error("key_padding_mask", key_padding_mask)
         if tuple(key_padding_mask.shape) != (b, lk):
             raise ValueError(f"key_padding_mask must have shape (B, Lk) = {(b, lk)}, got "
                              f"{_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
+    # Exact-type fast paths first: these checks run on every call (a seed-sized layer).
+    if type(dropout_p) is not float:
+        dropout_p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    call = AttentionCall(q, k, v, mask, key_padding_mask, bool(is_causal), float(dropout_p),
-                         bool(return_weights), None if block_size is None else tuple(block_size),
+    else:
+        if type(scale) is not float:
+            scale = _check_real("scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if is_causal is not False and is_causal is not True:
+        is_causal = _check_flag("is_causal", is_causal)
+    if return_weights is not False and return_weights is not True:
+        return_weights = _check_flag("return_weights", return_weights)
+    call = AttentionCall(q, k, v, mask, key_padding_mask, is_causal, dropout_p, return_weights,
+                         None if block_size is None else tuple(block_size),
                          ops.needs_grad(q, k, v, mask))
-    return call, block_tensors, block_size, float(scale)
+    return call, block_tensors, block_size, scale
 
 
 def _resolve(call: AttentionCall, backend: str | None) -> str:
@@ -153,15 +224,30 @@ def _resolve(call: AttentionCall, backend: str | None) -> str:
         lambda candidate: backends.get(candidate).attention_unsupported(call))
 
 
-def _seed_tensor(dropout_seed: Any) -> Tensor:
-    """The Philox key of a call with dropout, as a 0-d int64 CPU tensor."""
+def _seed_tensor(dropout_seed: Any, dropout: bool) -> Tensor | None:
+    """The Philox key of a call with dropout, as a 0-d int64 CPU tensor (None without
+    dropout). ``dropout_seed`` is checked either way: an int (Python or NumPy) or an
+    integer tensor of one element, in ``[0, 2**63)``, or None."""
     if dropout_seed is None:
-        return torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
+        return torch.randint(0, _MAX_SEED, (), dtype=torch.int64) if dropout else None
     if isinstance(dropout_seed, Tensor):
-        return dropout_seed.detach().to("cpu", torch.int64).reshape(())
-    if isinstance(dropout_seed, int) and 0 <= dropout_seed <= _MAX_SEED:
-        return torch.tensor(dropout_seed, dtype=torch.int64)
-    raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
+        if dropout_seed.is_floating_point() or dropout_seed.is_complex() or (
+                dropout_seed.dtype == torch.bool):
+            raise TypeError(f"dropout_seed must be an integer tensor, got {dropout_seed.dtype}")
+        if dropout_seed.numel() != 1:
+            raise ValueError(f"dropout_seed must hold one value, got shape "
+                             f"{tuple(dropout_seed.shape)}")
+        seed = dropout_seed.detach().to("cpu", torch.int64).reshape(())
+        # The value check reads the tensor; a traced seed (torch.compile) is taken as is.
+        if not torch.compiler.is_compiling() and int(seed) < 0:
+            raise ValueError(f"dropout_seed must be in [0, 2**63), got {int(seed)}")
+        return seed if dropout else None
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral):
+        raise TypeError(f"dropout_seed must be an int in [0, 2**63) or None, got "
+                        f"{type(dropout_seed).__name__} {dropout_seed!r}")
+    if not 0 <= dropout_seed <= _MAX_SEED:
+        raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
+    return torch.tensor(int(dropout_seed), dtype=torch.int64) if dropout else None
 
 
 def cross_attention(
@@ -184,13 +270,16 @@ def cross_attention(
         key_padding_mask: ``(B, Lk)`` bool, True = padding (as ``nn.MultiheadAttention``).
         block_mask: an :class:`mmattn.BlockMask`; combined with the other masks.
         is_causal: top-left aligned causal mask (query i sees keys j <= i), as SDPA.
-        dropout_p: probability of dropping an attention weight, in [0, 1].
-        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        dropout_p: probability of dropping an attention weight, in [0, 1] (a Python or
+            NumPy real; not a bool).
+        scale: multiplier of ``q @ k^T`` (a finite Python or NumPy real); default
+            ``1 / sqrt(D)``.
         return_weights: also return the weights that multiplied V (after dropout, as
             ``nn.MultiheadAttention``), ``(B, Hq, Lq, Lk)``.
         backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None (automatic).
-        dropout_seed: Philox key for dropout (``0 <= seed < 2**63``); None draws one from
-            torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
+        dropout_seed: Philox key for dropout (``0 <= seed < 2**63``): an int or an integer
+            tensor of one element; None draws one from torch's default generator, so
+            ``torch.manual_seed`` makes runs repeatable. Checked even without dropout.
         return_lse: also return the log-sum-exp of each query row's scaled, masked
             scores, ``(B, Hq, Lq)``, float32 (float64 for float64 inputs), +inf for a row
             with no visible key, before dropout. Gradients flow through it.
@@ -202,19 +291,27 @@ def cross_attention(
 
     A query row with no visible key returns 0 (weights 0, gradients 0), never NaN:
     this is the one documented difference from SDPA.
+
+    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before any kernel
+    runs: flags (``is_causal``, ``return_weights``, ``return_lse``) must be bools; tensors
+    must be dense (strided), not sparse, mkldnn or nested.
     """
     call, block_tensors, block_size, scale = _prepare_call(
         q, k, v, attn_mask, key_padding_mask, block_mask, is_causal, dropout_p, scale,
         return_weights)
-    seed_tensor = _seed_tensor(dropout_seed) if call.dropout_p > 0.0 else None
+    if return_lse is not False and return_lse is not True:
+        return_lse = _check_flag("return_lse", return_lse)
+    seed_tensor = (None if dropout_seed is None and call.dropout_p == 0.0
+                   else _seed_tensor(dropout_seed, call.dropout_p > 0.0))
     name = _resolve(call, backend)
     out, lse, weights = ops.attention(
         q, k, v, call.attn_mask, key_padding_mask, call.is_causal, call.dropout_p, scale,
         seed_tensor, call.return_weights, name, block_tensors, block_size,
     )
-    if not (return_weights or return_lse):
+    if not (call.return_weights or return_lse):
         return out
-    return (out, *((weights,) if return_weights else ()), *((lse,) if return_lse else ()))
+    return (out, *((weights,) if call.return_weights else ()),
+            *((lse,) if return_lse else ()))
 
 
 def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,

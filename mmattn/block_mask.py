@@ -6,8 +6,12 @@ not a multiple of its block size. Every block is one of
 
 * **empty** — no visible element: kernels skip it;
 * **full** — every in-range element visible: kernels need no element mask;
-* **partial** — anything else: its ``(bq, bk)`` element mask is stored in
-  ``partial_masks`` (positions past ``Lq``/``Lk`` are False).
+* **partial** — anything else: its element mask is stored in ``partial_masks``.
+
+Partial masks cover only the region a block can reach, ``(pq, pk) = (min(bq, Lq),
+min(bk, Lk))`` (a block larger than the sequence costs the sequence, not the block), and
+identical masks are stored once: ``partial_index`` of several blocks may point at one
+entry (positions past ``Lq``/``Lk`` are False).
 
 The block grid has leading dimensions ``(Bm, Hm)`` with ``Bm`` in ``{1, B}`` and ``Hm``
 in ``{1, H}``, broadcast over batch and heads. Both directions of compressed indices are
@@ -16,7 +20,7 @@ query blocks (dK/dV).
 
 Constructors are classmethods that compute block classes with vectorised torch ops from
 the rule (no dense ``(Lq, Lk)`` mask, no compilation); element masks are built only for
-the partial blocks.
+the partial blocks, in chunks of bounded size, and deduplicated as they are made.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmattn.backends.reference import block_mask_to_dense
 from mmattn.watts_strogatz import _lattice_centres, watts_strogatz_mask
 
 _FULL, _PARTIAL, _EMPTY = "█", "▒", "·"
 _REPR_MAX_ROWS, _REPR_MAX_COLS = 32, 64
+# Element masks are evaluated (and deduplicated) for at most this many elements at a time,
+# so building a mask never holds all partial blocks' elements at once.
+_CHUNK_ELEMENTS = 2**22
 
 # (query positions (P, bq, 1), key positions (P, 1, bk)) -> bool visibility (P, bq, bk)
 ElementRule = Callable[[Tensor, Tensor], Tensor]
@@ -92,6 +100,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_device(name: str, device: torch.device) -> None:
+    if device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: a BlockMask needs its data (block "
+                         f"counts, indices), so it lives on a real device (cpu, cuda)")
+
+
+def _mask_extent(lengths: tuple[int, int], blocks: tuple[int, int]) -> tuple[int, int]:
+    """``(pq, pk) = (min(bq, Lq), min(bk, Lk))``: the part of a block that any block of the
+    grid can cover. A block larger than its sequence is cut to the sequence, so tiling the
+    grid with ``(pq, pk)`` places every element exactly where ``(bq, bk)`` does."""
+    return min(blocks[0], lengths[0]), min(blocks[1], lengths[1])
+
+
 # --- block geometry -----------------------------------------------------------------------
 
 def _block_extents(length: int, block: int) -> Tensor:
@@ -101,13 +122,14 @@ def _block_extents(length: int, block: int) -> Tensor:
 
 
 def _positions(block_index: Tensor, block: int, length: int) -> tuple[Tensor, Tensor]:
-    """Positions ``(P, block)`` covered by blocks ``block_index (P,)``, and their validity.
+    """Positions ``(P, min(block, length))`` covered by blocks ``block_index (P,)``, and
+    their validity.
 
-    Positions past ``length`` are clamped to ``length - 1`` so rules may index with them;
-    the validity mask marks them False.
+    Positions past ``length`` (in the last, short block) are clamped to ``length - 1`` so
+    rules may index with them; the validity mask marks them False.
     """
     positions = block_index[:, None].long() * block + torch.arange(
-        block, dtype=torch.int64, device=block_index.device)
+        min(block, length), dtype=torch.int64, device=block_index.device)
     valid = positions < length
     return positions.clamp(max=max(length - 1, 0)), valid
 
@@ -125,9 +147,11 @@ class BlockMask:
         full: bool ``(Bm, Hm, nbq, nbk)``: every in-range element of the block is visible
             (``full`` implies ``layout``).
         partial_index: int32 ``(Bm, Hm, nbq, nbk)``: -1 for empty and full blocks, else the
-            index of the block's element mask in ``partial_masks``.
-        partial_masks: bool ``(P, bq, bk)``: element masks of the partial blocks; positions
-            past ``Lq``/``Lk`` are False.
+            index of the block's element mask in ``partial_masks`` (blocks with the same
+            element mask share one entry).
+        partial_masks: bool ``(P, pq, pk)`` with ``(pq, pk) = (min(bq, Lq), min(bk, Lk))``:
+            the distinct element masks of the partial blocks, each stored once, covering
+            only what a block can reach; positions past ``Lq``/``Lk`` are False.
         kv_num_blocks: int32 ``(Bm, Hm, nbq)``: nonempty kv blocks of each query block.
         kv_indices: int32 ``(Bm, Hm, nbq, nbk)``: those kv blocks, ascending, then 0s.
         q_num_blocks: int32 ``(Bm, Hm, nbk)``: nonempty query blocks of each kv block.
@@ -140,7 +164,8 @@ class BlockMask:
 
     The constructor itself takes the block classification directly and checks that it is
     consistent: ``BlockMask(seq_lengths, block_size, layout, full, partial_index,
-    partial_masks)``; the index fields are derived.
+    partial_masks)`` (``partial_masks`` ``(P, pq, pk)``, or ``(P, bq, bk)`` as before, cut
+    to ``(pq, pk)``); the index fields are derived and duplicate masks merged.
     """
 
     __slots__ = ("block_size", "full", "kv_indices", "kv_num_blocks", "layout", "num_blocks",
@@ -178,11 +203,18 @@ class BlockMask:
                              f"{tuple(partial_index.shape)}")
         if not (layout.device == full.device == partial_index.device):
             raise ValueError("layout, full and partial_index must be on one device")
+        _check_device("layout", layout.device)
         if not isinstance(partial_masks, Tensor) or partial_masks.dtype != torch.bool:
             raise TypeError("partial_masks must be a bool tensor")
-        if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) != blocks:
-            raise ValueError(f"partial_masks must have shape (P, {blocks[0]}, {blocks[1]}), "
-                             f"got {tuple(partial_masks.shape)}")
+        extent = _mask_extent(lengths, blocks)
+        if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) not in (extent, blocks):
+            raise ValueError(f"partial_masks must have shape (P, pq, pk) = (P, {extent[0]}, "
+                             f"{extent[1]}) (pq = min(bq, Lq), pk = min(bk, Lk)), or "
+                             f"(P, bq, bk), got {tuple(partial_masks.shape)}")
+        if tuple(partial_masks.shape[1:]) != extent:
+            if bool(partial_masks[:, extent[0]:].any() or partial_masks[:, :, extent[1]:].any()):
+                raise ValueError("partial_masks must be False past the sequence lengths")
+            partial_masks = partial_masks[:, :extent[0], :extent[1]]
         if bool((full & ~layout).any()):
             raise ValueError("full marks a block that layout marks empty")
         partial = layout & ~full
@@ -206,7 +238,13 @@ class BlockMask:
 
     def _set(self, lengths: tuple[int, int], blocks: tuple[int, int], layout: Tensor,
              full: Tensor, partial_index: Tensor, partial_masks: Tensor) -> None:
-        """Store the classification and derive both directions of block indices."""
+        """Store the classification and derive both directions of block indices.
+
+        ``partial_masks`` ``(P, pq, pk)`` may hold duplicates and unused entries: each
+        distinct mask that a block uses is stored once, in order of first use.
+        """
+        partial_index, partial_masks = _deduplicate(partial_index.to(torch.int32),
+                                                    partial_masks)
         set_field = object.__setattr__
         set_field(self, "seq_lengths", lengths)
         set_field(self, "block_size", blocks)
@@ -245,17 +283,26 @@ class BlockMask:
         """
         partial = layout & ~full
         coords = partial.nonzero()
+        extent = _mask_extent(lengths, blocks)
         partial_index = torch.full(layout.shape, -1, dtype=torch.int32, device=layout.device)
-        partial_index[partial] = torch.arange(coords.shape[0], dtype=torch.int32,
-                                              device=layout.device)
         if coords.shape[0] == 0 or rule is None:
-            masks = torch.zeros(0, *blocks, dtype=torch.bool, device=layout.device)
-        else:
-            q_pos, q_valid = _positions(coords[:, 2], blocks[0], lengths[0])
-            k_pos, k_valid = _positions(coords[:, 3], blocks[1], lengths[1])
+            masks = torch.zeros(0, *extent, dtype=torch.bool, device=layout.device)
+            return cls._assemble(lengths, blocks, layout, full, partial_index, masks)
+        # The rule runs on chunks of blocks, each chunk deduplicated at once: memory stays
+        # O(chunk + distinct masks), not O(partial blocks x pq x pk).
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, extent[0] * extent[1]))
+        pieces, indices, stored = [], [], 0
+        for chunk in coords.split(per_chunk):
+            q_pos, q_valid = _positions(chunk[:, 2], blocks[0], lengths[0])
+            k_pos, k_valid = _positions(chunk[:, 3], blocks[1], lengths[1])
             masks = rule(q_pos[:, :, None], k_pos[:, None, :])
             masks = masks & q_valid[:, :, None] & k_valid[:, None, :]
-        return cls._assemble(lengths, blocks, layout, full, partial_index, masks)
+            inverse, first = _distinct_rows(masks)
+            pieces.append(masks[first])
+            indices.append(inverse + stored)
+            stored += first.numel()
+        partial_index[partial] = torch.cat(indices).to(torch.int32)
+        return cls._assemble(lengths, blocks, layout, full, partial_index, torch.cat(pieces))
 
     @classmethod
     def _from_counts(cls, lengths: tuple[int, int], blocks: tuple[int, int], counts: Tensor,
@@ -347,6 +394,7 @@ class BlockMask:
             raise TypeError(f"layout must be a bool tensor, got {type(layout).__name__}")
         if layout.dtype != torch.bool:
             raise TypeError(f"layout must be a bool tensor, got {layout.dtype}")
+        _check_device("layout", layout.device)
         grid = (_ceil_div(lengths[0], blocks[0]), _ceil_div(lengths[1], blocks[1]))
         if layout.dim() == 2:
             layout = layout[None, None]
@@ -373,6 +421,7 @@ class BlockMask:
             raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+        _check_device("mask", mask.device)
         if mask.dim() == 2:
             mask = mask[None, None]
         if mask.dim() != 4:
@@ -381,9 +430,10 @@ class BlockMask:
         bm, hm, lq, lk = mask.shape
         (bq, bk) = blocks
         nbq, nbk = _ceil_div(lq, bq), _ceil_div(lk, bk)
-        padded = torch.zeros(bm, hm, nbq * bq, nbk * bk, dtype=torch.bool, device=mask.device)
+        pq, pk = _mask_extent((lq, lk), blocks)  # the grid tiled by what blocks cover
+        padded = torch.zeros(bm, hm, nbq * pq, nbk * pk, dtype=torch.bool, device=mask.device)
         padded[:, :, :lq, :lk] = mask
-        by_block = padded.view(bm, hm, nbq, bq, nbk, bk).permute(0, 1, 2, 4, 3, 5)
+        by_block = padded.view(bm, hm, nbq, pq, nbk, pk).permute(0, 1, 2, 4, 3, 5)
         counts = by_block.sum(dim=(4, 5))
         area = (_block_extents(lq, bq)[:, None] * _block_extents(lk, bk)[None, :])
         layout, full = counts > 0, counts == area.to(mask.device)
@@ -598,9 +648,13 @@ class BlockMask:
         blocks = _int_pair("block_size", block_size, 1)
         if not isinstance(self_loops, bool):
             raise TypeError(f"self_loops must be a bool, got {type(self_loops).__name__}")
+        k = _check_int("k", k)
         nbq, nbk = _ceil_div(lengths[0], blocks[0]), _ceil_div(lengths[1], blocks[1])
         if nbq == 0 or nbk == 0:
             return cls.from_layout(torch.zeros(nbq, nbk, dtype=torch.bool), lengths, blocks)
+        if k > nbk:
+            raise ValueError(f"k must be <= the number of key blocks ceil(Lk / bk) = "
+                             f"ceil({lengths[1]} / {blocks[1]}) = {nbk}, got k={k}")
         layout = watts_strogatz_mask(nbq, nbk, k, beta, seed)
         if self_loops:
             layout[torch.arange(nbq), _lattice_centres(nbq, nbk)] = True
@@ -619,7 +673,12 @@ class BlockMask:
 
     @property
     def num_partial_blocks(self) -> int:
-        """Number of stored element masks ``P``."""
+        """Number of partial blocks (over ``Bm``, ``Hm`` too)."""
+        return int((self.partial_index >= 0).sum())
+
+    @property
+    def num_stored_masks(self) -> int:
+        """Number of distinct element masks stored, ``P`` (partial blocks share them)."""
         return int(self.partial_masks.shape[0])
 
     @property
@@ -638,14 +697,16 @@ class BlockMask:
         area = (_block_extents(lq, bq)[:, None] * _block_extents(lk, bk)[None, :])
         visible = int((self.full * area.to(self.device)).sum())
         partial = self.partial_index[self.partial_index >= 0].long()
-        visible += int(self.partial_masks[partial].sum())
+        per_mask = self.partial_masks.flatten(1).sum(dim=1)  # masks are shared: count once
+        visible += int(per_mask[partial].sum())
         return visible / total
 
     def to(self, device: torch.device | str) -> BlockMask:
-        """The same mask with every tensor on ``device``."""
+        """The same mask with every tensor on ``device`` (not ``meta``: a mask needs data)."""
         device = torch.device(device)
         if device == self.device:
             return self
+        _check_device("device", device)
         moved = self.__class__.__new__(self.__class__)
         for name in self.__slots__:
             value = getattr(self, name)
@@ -655,13 +716,8 @@ class BlockMask:
 
     def to_dense(self) -> Tensor:
         """Bool ``(Bm, Hm, Lq, Lk)`` element mask (True = may attend)."""
-        (lq, lk), (bq, bk) = self.seq_lengths, self.block_size
-        bm, hm, nbq, nbk = self.layout.shape
-        by_block = self.full[..., None, None].expand(bm, hm, nbq, nbk, bq, bk).clone()
-        partial = self.partial_index >= 0
-        by_block[partial] = self.partial_masks[self.partial_index[partial].long()]
-        dense = by_block.permute(0, 1, 2, 4, 3, 5).reshape(bm, hm, nbq * bq, nbk * bk)
-        return dense[:, :, :lq, :lk].contiguous()
+        return block_mask_to_dense(self.full, self.partial_index, self.partial_masks,
+                                   self.block_size, self.seq_lengths).contiguous()
 
     def block_classes(self) -> Tensor:
         """int8 ``(Bm, Hm, nbq, nbk)``: 0 empty, 1 partial, 2 full."""
@@ -704,40 +760,51 @@ class BlockMask:
             layout, full = layout_a | layout_b, full_a | full_b
         else:
             layout, full = layout_a & layout_b, full_a & full_b
-        # Blocks whose class the block rules cannot decide: compare their elements.
+        # Blocks whose class the block rules cannot decide: compare their elements, once per
+        # distinct (mask of self, mask of other, edge position) -- blocks share masks, so
+        # this is O(distinct combinations x pq x pk), not O(blocks x pq x pk).
         undecided = (layout & ~full).nonzero()
-        where = tuple(undecided.t())
-        in_range = _in_range_masks(self.seq_lengths, self.block_size, undecided[:, 2],
-                                   undecided[:, 3])
-        elements_a = self._block_elements(where, in_range)
-        elements_b = other._block_elements(where, in_range)
+        nbq, nbk = self.num_blocks
+        key = torch.stack([self._block_codes(undecided), other._block_codes(undecided),
+                           (undecided[:, 2] == nbq - 1).long(),
+                           (undecided[:, 3] == nbk - 1).long()], dim=1)
+        if key.shape[0]:
+            keys, inverse = torch.unique(key, dim=0, return_inverse=True)
+        else:
+            keys, inverse = key, key[:, 0]
+        first = _first_occurrence(inverse, keys.shape[0])
+        in_range = _in_range_masks(self.seq_lengths, self.block_size, undecided[first, 2],
+                                   undecided[first, 3])
+        elements_a = self._code_elements(keys[:, 0], in_range)
+        elements_b = other._code_elements(keys[:, 1], in_range)
         elements = elements_a | elements_b if union else elements_a & elements_b
-        now_full = (elements == in_range).flatten(1).all(dim=1)
-        now_empty = ~elements.flatten(1).any(dim=1)
+        now_full = (elements == in_range).flatten(1).all(dim=1)[inverse]
+        now_empty = (~elements.flatten(1).any(dim=1))[inverse]
         full = full.clone()
         layout = layout.clone()
         full[tuple(undecided[now_full].t())] = True
         layout[tuple(undecided[now_empty].t())] = False
         still_partial = ~now_full & ~now_empty
         partial_index = torch.full(shape, -1, dtype=torch.int32, device=self.device)
-        partial_index[tuple(undecided[still_partial].t())] = torch.arange(
-            int(still_partial.sum()), dtype=torch.int32, device=self.device)
+        partial_index[tuple(undecided[still_partial].t())] = inverse[still_partial].to(
+            torch.int32)
         return BlockMask._assemble(self.seq_lengths, self.block_size, layout, full,
-                                   partial_index, elements[still_partial])
+                                   partial_index, elements)
 
-    def _block_elements(self, where: tuple[Tensor, ...], in_range: Tensor) -> Tensor:
-        """Element masks ``(P, bq, bk)`` of the blocks at ``where`` (broadcast indices)."""
-        count = in_range.shape[0]
-        if count == 0:
-            return in_range
+    def _block_codes(self, where: Tensor) -> Tensor:
+        """int64 ``(U,)`` for blocks ``where (U, 4)`` (broadcast indices): the index of the
+        block's stored mask, -1 for an empty block, -2 for a full one."""
         bm, hm = self.layout.shape[:2]
-        b, h, a, c = where
+        b, h, a, c = where.t()
         b, h = b if bm > 1 else torch.zeros_like(b), h if hm > 1 else torch.zeros_like(h)
-        full = self.full[b, h, a, c]
         index = self.partial_index[b, h, a, c].long()
-        elements = in_range & full[:, None, None]
-        stored = index >= 0
-        elements[stored] = self.partial_masks[index[stored]]
+        return torch.where(self.full[b, h, a, c], -2, index)
+
+    def _code_elements(self, codes: Tensor, in_range: Tensor) -> Tensor:
+        """Element masks ``(U, pq, pk)`` of blocks given by :meth:`_block_codes`."""
+        elements = in_range & (codes == -2)[:, None, None]
+        stored = codes >= 0
+        elements[stored] = self.partial_masks[codes[stored]]
         return elements
 
     # --- display ------------------------------------------------------------------------
@@ -747,7 +814,8 @@ class BlockMask:
         header = (f"BlockMask(seq_lengths={self.seq_lengths}, block_size={self.block_size}, "
                   f"num_blocks={self.num_blocks}, batch_heads=({bm}, {hm}), "
                   f"density={self.density:.4f}, element_density={self.element_density:.4f}, "
-                  f"partial_blocks={self.num_partial_blocks})")
+                  f"partial_blocks={self.num_partial_blocks}, "
+                  f"stored_masks={self.num_stored_masks})")
         if self.layout.numel() == 0:
             return header
         grid, (rows_per_char, cols_per_char) = self._text_grid()
@@ -838,7 +906,8 @@ class BlockMask:
         classes = self.block_classes()[batch, head].cpu().long()  # 0 empty, 1 partial, 2 full
         if lq * lk > 4 * 2**20:
             return torch.tensor([0, 2, 3])[classes]
-        per_element = classes.repeat_interleave(bq, 0).repeat_interleave(bk, 1)[:lq, :lk]
+        pq, pk = _mask_extent((lq, lk), (bq, bk))  # a block larger than L covers L
+        per_element = classes.repeat_interleave(pq, 0).repeat_interleave(pk, 1)[:lq, :lk]
         visible = self.to("cpu").to_dense()[batch, head]
         picture = torch.zeros(lq, lk, dtype=torch.int64)
         picture[per_element == 1] = 1
@@ -869,9 +938,63 @@ def _compress_rows(layout: Tensor) -> tuple[Tensor, Tensor]:
     return counts.contiguous(), indices.contiguous()
 
 
+def _first_occurrence(inverse: Tensor, count: int) -> Tensor:
+    """int64 ``(count,)``: the first position of each value ``0 .. count-1`` in ``inverse``."""
+    positions = torch.arange(inverse.numel(), dtype=torch.int64, device=inverse.device)
+    first = torch.full((count,), inverse.numel(), dtype=torch.int64, device=inverse.device)
+    return first.scatter_reduce_(0, inverse, positions, "amin")
+
+
+def _distinct_rows(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """``(inverse, first)`` for bool ``masks (P, ...)``: ``masks[first]`` are the distinct
+    masks in order of first occurrence and ``masks[i] == masks[first][inverse[i]]``."""
+    count = masks.shape[0]
+    flat = masks.reshape(count, -1)
+    if count <= 1 or flat.shape[1] == 0:
+        inverse = torch.zeros(count, dtype=torch.int64, device=masks.device)
+        return inverse, torch.zeros(min(count, 1), dtype=torch.int64, device=masks.device)
+    # Rows read as int64 words (a bool is a byte: eight elements a word) and hashed:
+    # sorting one int64 per row is much faster than torch.unique(dim=0) on the rows. Equal
+    # hashes are checked word by word; a collision falls back to the exact row sort.
+    data = flat.contiguous().view(torch.uint8)
+    pad = -data.shape[1] % 8
+    if pad:
+        data = torch.cat([data, data.new_zeros(count, pad)], dim=1)
+    words = data.view(torch.int64)
+    multipliers = torch.arange(words.shape[1], dtype=torch.int64, device=masks.device)
+    multipliers = (multipliers * 0x2545F4914F6CDD1D + 0x1B873593) | 1  # odd; products wrap
+    hashes = (words * multipliers).sum(dim=1)
+    _, inverse = torch.unique(hashes, return_inverse=True)
+    first = _first_occurrence(inverse, int(inverse.max()) + 1)
+    if not bool((words == words[first[inverse]]).all()):
+        _, inverse = torch.unique(words, dim=0, return_inverse=True)
+        first = _first_occurrence(inverse, int(inverse.max()) + 1)
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), dtype=torch.int64, device=masks.device)
+    return rank[inverse], first[order]
+
+
+def _deduplicate(partial_index: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """``partial_index`` int32 and ``masks (P, pq, pk)`` with each distinct mask that some
+    block uses stored once (in their original order); unused entries are dropped."""
+    used = partial_index >= 0
+    ids = partial_index[used].long()
+    if ids.numel() == 0:
+        return partial_index, masks[:0]
+    referenced, ids = torch.unique(ids, return_inverse=True)
+    if referenced.numel() == masks.shape[0] and referenced.numel() <= 1:
+        return partial_index, masks
+    inverse, first = _distinct_rows(masks[referenced])
+    masks = masks[referenced][first]
+    partial_index = partial_index.clone()
+    partial_index[used] = inverse[ids].to(torch.int32)
+    return partial_index, masks
+
+
 def _in_range_masks(lengths: tuple[int, int], blocks: tuple[int, int], block_rows: Tensor,
                     block_cols: Tensor) -> Tensor:
-    """bool ``(P, bq, bk)``: which positions of each block lie inside ``(Lq, Lk)``."""
+    """bool ``(P, pq, pk)``: which positions of each block lie inside ``(Lq, Lk)``."""
     _, q_valid = _positions(block_rows, blocks[0], lengths[0])
     _, k_valid = _positions(block_cols, blocks[1], lengths[1])
     return q_valid[:, :, None] & k_valid[:, None, :]

@@ -5,16 +5,95 @@ A layout describes an ``(out_features, in_features)`` matrix whose kept entries
 its transpose so kernels can run ``dX = dY @ W`` as a row-parallel SpMM too.
 Weights live outside the layout, as a ``(nnz,)`` (or ``(nnz, bs, bs)``) tensor in
 CSR order; ``transpose_perm`` maps transposed order back to CSR order.
+
+A layout is checked once, when it is built (``O(nnz)``): the six index arrays must
+describe one pattern, because every backend trusts them (a wrong ``transpose_perm``
+would give a silently wrong dX, a duplicate column would be summed by one backend and
+overwritten by another).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from mmattn.watts_strogatz import watts_strogatz_coo
+
+
+def _check_size(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _validate(layout: SparseLayout) -> None:
+    """Raise ValueError/TypeError naming the field unless the six index arrays describe
+    one canonical pattern (CSR sorted and unique within rows, its CSC, the permutation
+    between them). Vectorised, ``O(nnz + rows + cols)``."""
+    shape = layout.shape
+    if not isinstance(shape, tuple) or len(shape) != 2:
+        raise TypeError(f"shape must be a tuple (out_features, in_features), got {shape!r}")
+    out_features = _check_size("shape[0] (out_features)", shape[0], 0)
+    in_features = _check_size("shape[1] (in_features)", shape[1], 0)
+    bs = _check_size("block_size", layout.block_size, 1)
+    nbr, nbc = -(-out_features // bs), -(-in_features // bs)
+    named = dict(zip(("crow_indices", "col_indices", "row_indices", "ccol_indices",
+                      "row_indices_t", "transpose_perm"), layout.index_tensors(), strict=True))
+    nnz = layout.col_indices.numel() if isinstance(layout.col_indices, Tensor) else -1
+    lengths = {"crow_indices": nbr + 1, "ccol_indices": nbc + 1}
+    for name, t in named.items():
+        if not isinstance(t, Tensor) or t.dtype != torch.int32:
+            raise TypeError(f"{name} must be an int32 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.layout is not torch.strided or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape "
+                             f"{tuple(t.shape)}")
+        if t.device != layout.crow_indices.device:
+            raise ValueError(f"{name} is on {t.device}, crow_indices on "
+                             f"{layout.crow_indices.device}")
+        if t.numel() != lengths.get(name, nnz):
+            raise ValueError(f"{name} must have {lengths.get(name, nnz)} entries "
+                             f"({'blocks + 1' if name in lengths else 'nnz'}), got {t.numel()}")
+    crow, col, row, ccol, row_t, perm = (t.long() for t in named.values())
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError(f"crow_indices must start at 0, never decrease and end at nnz = {nnz}")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= nbc):
+        raise ValueError(f"col_indices must be in [0, {nbc}) (block columns), got values in "
+                         f"[{int(col.min())}, {int(col.max())}]")
+    counts = crow[1:] - crow[:-1]
+    expected_rows = torch.repeat_interleave(torch.arange(nbr, device=crow.device), counts)
+    if not torch.equal(row, expected_rows):
+        raise ValueError("row_indices must be the row of each entry (the COO form of "
+                         "crow_indices)")
+    if nnz > 1:
+        same_row = row[1:] == row[:-1]
+        if bool((same_row & (col[1:] <= col[:-1])).any()):
+            bad = int((same_row & (col[1:] <= col[:-1])).nonzero()[0, 0])
+            duplicate = int(col[bad + 1]) == int(col[bad])
+            what = "a duplicate column" if duplicate else "unsorted columns"
+            raise ValueError(f"col_indices has {what} in row {int(row[bad])} (columns "
+                             f"{int(col[bad])}, {int(col[bad + 1])}): columns must be sorted "
+                             f"and unique within a row")
+    column_counts = torch.bincount(col, minlength=nbc)
+    if int(ccol[0]) != 0 or not torch.equal(ccol[1:], torch.cumsum(column_counts, 0)):
+        raise ValueError("ccol_indices must be the column pointers of col_indices (0, then "
+                         "the running count of entries per column)")
+    if nnz and (int(perm.min()) < 0 or int(perm.max()) >= nnz
+                or bool((torch.bincount(perm, minlength=nnz) != 1).any())):
+        raise ValueError(f"transpose_perm must be a permutation of 0..nnz-1 (nnz = {nnz})")
+    if nnz:
+        key = col[perm] * max(nbr, 1) + row[perm]
+        if bool((key[1:] <= key[:-1]).any()):
+            raise ValueError("transpose_perm must list the CSR entries in column-major order "
+                             "(by column, then row)")
+    if not torch.equal(row_t, row[perm]):
+        raise ValueError("row_indices_t must be the row of each entry in column-major order "
+                         "(row_indices[transpose_perm])")
 
 
 def _csr_from_coo(rows: Tensor, cols: Tensor, num_rows: int) -> Tensor:
@@ -37,6 +116,10 @@ class SparseLayout:
         transpose_perm: ``(nnz,)`` CSR index of each entry in column-major order.
 
     ``nnz`` counts stored blocks; with ``block_size == 1`` a block is one element.
+
+    Built by :meth:`from_mask`, :meth:`from_coo` or :meth:`from_watts_strogatz`; a layout
+    assembled by hand from its arrays is checked at construction (``O(nnz)``), and any
+    inconsistency raises a ``ValueError`` / ``TypeError`` naming the field.
     """
 
     shape: tuple[int, int]
@@ -47,6 +130,19 @@ class SparseLayout:
     ccol_indices: Tensor
     row_indices_t: Tensor
     transpose_perm: Tensor
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def _trusted(cls, shape: tuple[int, int], block_size: int,
+                 *index: Tensor) -> SparseLayout:
+        """A layout from arrays known to be consistent (a checked layout's, moved or held
+        as module buffers), without the check."""
+        layout = cls.__new__(cls)
+        for field, value in zip(fields(cls), (shape, block_size, *index), strict=True):
+            object.__setattr__(layout, field.name, value)
+        return layout
 
     @classmethod
     def from_mask(cls, mask: Tensor, block_size: int = 1) -> SparseLayout:
@@ -75,9 +171,11 @@ class SparseLayout:
     def from_coo(cls, rows: Tensor, cols: Tensor, shape: tuple[int, int],
                  block_size: int = 1) -> SparseLayout:
         """Layout from kept (block) coordinates; duplicates are merged."""
-        out_features, in_features = int(shape[0]), int(shape[1])
-        if out_features < 0 or in_features < 0:
-            raise ValueError(f"shape must be non-negative, got {shape}")
+        if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+            raise TypeError(f"shape must be (out_features, in_features), got {shape!r}")
+        out_features = _check_size("shape[0] (out_features)", shape[0], 0)
+        in_features = _check_size("shape[1] (in_features)", shape[1], 0)
+        block_size = _check_size("block_size", block_size, 1)
         nbr = -(-out_features // block_size)
         nbc = -(-in_features // block_size)
         rows = torch.as_tensor(rows, dtype=torch.int64).flatten()
@@ -155,8 +253,8 @@ class SparseLayout:
         device = torch.device(device)
         if device == self.device:
             return self
-        return SparseLayout(self.shape, self.block_size,
-                            *(t.to(device) for t in self.index_tensors()))
+        return SparseLayout._trusted(self.shape, self.block_size,
+                                     *(t.to(device) for t in self.index_tensors()))
 
     def index_tensors(self) -> tuple[Tensor, ...]:
         """``(crow, col, row, ccol, row_t, perm)``, the order the kernels take them."""

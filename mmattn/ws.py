@@ -28,19 +28,45 @@ def _layout_on(layout: SparseLayout, device: torch.device) -> SparseLayout:
     return copies[device]
 
 
+def _dense_error(name: str, t: Tensor) -> TypeError:
+    kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+    return TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def _check_dense(name: str, t: Tensor) -> None:
+    """Sparse, mkldnn or nested tensors reach no kernel: a clear error instead."""
+    if t.layout is not torch.strided or t.is_nested:
+        raise _dense_error(name, t)
+
+
 def _check_input(x: Tensor, in_features: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 1:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not torch.strided:  # sparse, mkldnn, jagged nested
+        raise _dense_error("x", x)
+    if x.dim() < 1:
         raise ValueError("x must be a tensor with at least one dimension (..., in_features)")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16/float64, got {x.dtype}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the layout "
+    try:
+        width = x.shape[-1]
+    except RuntimeError:  # a strided nested tensor has no sizes
+        raise _dense_error("x", x) from None
+    if width != in_features:
+        raise ValueError(f"x has {width} features in its last dimension, the layout "
                          f"expects in_features={in_features}")
 
 
 def _check_parameters(x: Tensor, weight: Tensor, bias: Tensor | None,
                       weight_shape: tuple[int, ...], out_features: int) -> None:
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != weight_shape:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check_dense("weight", weight)
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        _check_dense("bias", bias)
+    if tuple(weight.shape) != weight_shape:
         raise ValueError(f"weight must have shape {weight_shape} (the layout's kept entries), "
                          f"got {tuple(getattr(weight, 'shape', ()))}")
     if weight.dtype != x.dtype or weight.device != x.device:

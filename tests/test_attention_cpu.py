@@ -451,6 +451,54 @@ def test_block_mask_causal_skips_query_tiles_inside_partial_blocks():
     _check_block_mask(q, k, v, block_mask, is_causal=True, return_weights=True)
 
 
+@pytest.mark.parametrize(("lengths", "blocks"), [((100, 100), (20000, 20000)),
+                                                ((37, 90), (64, 16)), ((90, 37), (16, 64))])
+def test_block_mask_blocks_larger_than_the_sequence(lengths, blocks):
+    """Partial masks are stored as (min(bq, Lq), min(bk, Lk)) (issue 11): the kernel reads
+    them with that row length, not the block's."""
+    lq, lk = lengths
+    dense = torch.rand(2, 1, lq, lk, generator=torch.Generator().manual_seed(3)) < 0.6
+    block_mask = BlockMask.from_dense_mask(dense, blocks)
+    assert tuple(block_mask.partial_masks.shape[1:]) == (min(blocks[0], lq), min(blocks[1], lk))
+    q, k, v = _qkv((2, 2, 1, lq, lk, 16, 8))
+    _check_block_mask(q, k, v, block_mask, is_causal=True, return_weights=True)
+
+
+def test_kernel_reads_partial_masks_of_any_extent():
+    """The op contract: partial_masks (P, pq, pk) with pq <= bq, pk <= bk; positions past
+    them are not visible. Smaller, stored (min(bq, Lq), min(bk, Lk)) and block-sized
+    extents all give what the equivalent dense mask gives."""
+    lq, lk, bq, bk = 40, 50, 64, 32  # bq > Lq: stored masks are (40, 32)
+    block_mask = BlockMask.from_dense_mask(
+        _block_structured_mask(1, 1, lq, lk, bq, bk, 9), (bq, bk))
+    q, k, v = _qkv((1, 2, 2, lq, lk, 8, 8))
+    tensors = mmattn.backends.block_mask_tensors(block_mask)
+    stored = block_mask.partial_masks
+    assert tuple(stored.shape[1:]) == (40, 32)
+    block_sized = torch.zeros(stored.shape[0], bq, bk, dtype=torch.bool)
+    block_sized[:, :40] = stored
+    for masks in (stored[:, :11, :20], stored, block_sized):
+        dense = backends.reference.block_mask_to_dense(
+            block_mask.full, block_mask.partial_index, masks, (bq, bk), (lq, lk))
+        # the cut masks hide elements the stored ones show: the extent is read
+        assert torch.equal(dense, block_mask.to_dense()) == (masks.shape[1:] != (11, 20))
+        args = (*tensors[:6], masks, bq, bk)
+        out, lse, _ = torch.ops.mmattn.fused_attention_fwd(
+            q, k, v, None, None, False, 0.0, 0.3, 0, False, *args)
+        ref, ref_lse, _, _ = backends.reference.attention_forward(
+            q, k, v, dense.expand(1, 2, lq, lk), None, False, 0.0, 0.3, None, False)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, ref_lse)
+        grad = torch.randn_like(out)
+        dq, dk, dv = torch.ops.mmattn.fused_attention_bwd(
+            grad, q, k, v, out, lse, None, None, False, 0.0, 0.3, 0, *args)
+        rq, rk, rv, _ = backends.reference.attention_backward(
+            grad, q, k, v, ref, ref_lse, dense.expand(1, 2, lq, lk), None, False, 0.0, 0.3,
+            None)
+        for ours, theirs in ((dq, rq), (dk, rk), (dv, rv)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["causal", "local_window", "bigbird"])
 def test_block_mask_constructors(name):
     q, k, v = _qkv((1, 2, 2, 300, 300, 32, 32))

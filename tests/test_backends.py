@@ -114,11 +114,13 @@ def test_double_backward_passes_gradgradcheck_on_the_reference():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_ws_linear_double_backward_is_exact(backend):
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_ws_linear_double_backward_is_exact(backend, block_size):
     mask = torch.rand(6, 9) < 0.4
-    layout = mmattn.SparseLayout.from_mask(mask)
+    layout = mmattn.SparseLayout.from_mask(mask, block_size=block_size)
     x = torch.randn(3, 9, requires_grad=True)
-    values = torch.randn(layout.nnz, requires_grad=True)
+    shape = (layout.nnz,) if block_size == 1 else (layout.nnz, block_size, block_size)
+    values = torch.randn(shape, requires_grad=True)
     bias = torch.randn(6, requires_grad=True)
 
     def second(x, values, bias, backend):
@@ -167,3 +169,54 @@ def test_use_backend_under_torch_compile_follows_the_context():
     with mmattn.use_backend("cuda"), pytest.raises(Exception, match="cuda"):
         compiled(q, k, v)  # recompiled under the new context: the forced backend is seen
     torch.testing.assert_close(compiled(q, k, v), mmattn.cross_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_through_weights_and_float_mask(backend):
+    """create_graph through every output (out, weights, lse) and into a float mask that
+    requires grad: second derivatives equal float64 ones, never zeros."""
+    q, k, v = _qkv(shape=(1, 2, 1, 4, 6, 5, 3))
+    mask = torch.randn(1, 2, 4, 1, requires_grad=True)  # broadcast over keys
+
+    def second(q, k, v, mask, backend):
+        out, weights, lse = mmattn.cross_attention(q, k, v, attn_mask=mask, backend=backend,
+                                                    return_weights=True, return_lse=True)
+        loss = out.sin().sum() + (weights * weights).sum() + lse.cos().sum()
+        grads = torch.autograd.grad(loss, (q, k, v, mask), create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (q, k, v, mask))
+
+    ours = second(q, k, v, mask, backend)
+    oracle = second(*_cast((q, k, v, mask), F64), "reference")
+    for g, g64 in zip(ours, oracle, strict=True):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_mask_gradient_is_summed_in_float32(backend, mask_dtype):
+    """Issue 11: a bf16 mask broadcast over keys has an exact gradient of 0 (softmax is
+    shift invariant per row); rounding every element to bf16 before the broadcast sum gave
+    ~1e-3. The sum runs in float32 and the result is rounded once."""
+    q = torch.randn(2, 4, 33, 16, requires_grad=True)
+    k, v = torch.randn(2, 4, 47, 16), torch.randn(2, 4, 47, 16)
+    row = torch.randn(2, 4, 33, 1).to(mask_dtype).requires_grad_()
+    out = mmattn.cross_attention(q, k, v, attn_mask=row, backend=backend)
+    grad, = torch.autograd.grad(out.pow(2).sum(), row)
+    assert grad.dtype == mask_dtype and grad.shape == row.shape
+    assert grad.abs().max() < 1e-5  # was ~5e-3
+    # A mask shared by batch and heads: the float32 sum rounded once is within one
+    # rounding of the exact float64 sum.
+    shared = torch.randn(1, 1, 33, 47).to(mask_dtype).requires_grad_()
+    out = mmattn.cross_attention(q, k, v, attn_mask=shared, backend=backend)
+    grad, = torch.autograd.grad(out.pow(2).sum(), shared)
+    q64, k64, v64, s64 = _cast((q, k, v, shared), F64)
+    out64 = mmattn.cross_attention(q64, k64, v64, attn_mask=s64, backend="reference")
+    exact, = torch.autograd.grad(out64.pow(2).sum(), s64)
+    ulp = torch.finfo(mask_dtype).eps
+    assert bool(((grad.double() - exact).abs() <= exact.abs() * ulp + 1e-5).all())
+    # expanded by the caller (stride 0) rather than broadcast: summed in float32 too
+    row = row.detach().requires_grad_()
+    out = mmattn.cross_attention(q, k, v, attn_mask=row.expand(2, 4, 33, 47), backend=backend)
+    grad, = torch.autograd.grad(out.pow(2).sum(), row)
+    assert grad.abs().max() < 1e-5

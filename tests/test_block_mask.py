@@ -43,7 +43,14 @@ def check_fields(mask: BlockMask, dense: torch.Tensor) -> None:
         t = getattr(mask, name)
         assert t.dtype == torch.int32 and t.is_contiguous(), name
     assert mask.partial_masks.dtype == torch.bool and mask.partial_masks.is_contiguous()
-    assert tuple(mask.partial_masks.shape[1:]) == (bq, bk)
+    # only what a block can cover is stored: (min(bq, Lq), min(bk, Lk))
+    pq, pk = min(bq, lq), min(bk, lk)
+    assert tuple(mask.partial_masks.shape[1:]) == (pq, pk)
+    # each distinct mask once, each one used
+    stored = [tuple(m.flatten().tolist()) for m in mask.partial_masks]
+    assert len(set(stored)) == len(stored)
+    assert sorted(set(mask.partial_index[mask.partial_index >= 0].tolist())) == list(
+        range(len(stored)))
     assert tuple(mask.kv_num_blocks.shape) == (bm, hm, nbq)
     assert tuple(mask.kv_indices.shape) == (bm, hm, nbq, nbk)
     assert tuple(mask.q_num_blocks.shape) == (bm, hm, nbk)
@@ -61,7 +68,7 @@ def check_fields(mask: BlockMask, dense: torch.Tensor) -> None:
                     index = partial_index[b][h][a][c]
                     if 0 < visible < block.numel():
                         stored = mask.partial_masks[index]
-                        padded = torch.zeros(bq, bk, dtype=torch.bool)
+                        padded = torch.zeros(pq, pk, dtype=torch.bool)
                         padded[:block.shape[0], :block.shape[1]] = block
                         assert torch.equal(stored, padded), (b, h, a, c)
                     else:
@@ -359,12 +366,9 @@ def test_operators_reject_mismatches():
 def test_to_device_and_immutability():
     mask = BlockMask.local_window((37, 50), (8, 8), 4)
     assert mask.to("cpu") is mask
-    moved = mask.to("meta")
-    for name in ("layout", "full", "partial_index", "partial_masks", "kv_num_blocks",
-                 "kv_indices", "q_num_blocks", "q_indices"):
-        assert getattr(moved, name).device.type == "meta"
-        assert getattr(moved, name).shape == getattr(mask, name).shape
-    assert moved.seq_lengths == mask.seq_lengths and moved.block_size == mask.block_size
+    # A mask needs its data (counts, indices): the meta device is refused, by name.
+    with pytest.raises(ValueError, match="device is on the meta device"):
+        mask.to("meta")
     with pytest.raises(AttributeError):
         mask.layout = mask.full
 
@@ -532,6 +536,56 @@ def test_reference_attention_block_mask_combines_with_other_masks():
 def test_constructors_reject_bad_input(build, error, name):
     with pytest.raises(error, match=name):
         build()
+
+
+def test_partial_masks_cover_only_the_sequence():
+    """Issue 11: a block size of 20000 over a 100x100 mask stored 400 MB of partial masks.
+    Now (min(bq, Lq), min(bk, Lk)) per stored mask."""
+    dense = torch.rand(100, 100, generator=torch.Generator().manual_seed(0)) > 0.5
+    big = BlockMask.from_dense_mask(dense, 20000)
+    assert tuple(big.partial_masks.shape) == (1, 100, 100)
+    assert torch.equal(big.to_dense()[0, 0], dense)
+    assert tuple(BlockMask.causal(100, 20000).partial_masks.shape) == (1, 100, 100)
+    tall = BlockMask.from_dense_mask(dense, (20000, 7))
+    assert tuple(tall.partial_masks.shape[1:]) == (100, 7) and tall.num_stored_masks <= 15
+    check_fields(tall, as_4d(dense))
+    union = big | BlockMask.causal(100, 20000)
+    assert tuple(union.partial_masks.shape[1:]) == (100, 100)
+    assert torch.equal(union.to_dense()[0, 0], dense | torch.ones(100, 100).tril().bool())
+    assert "stored_masks=1" in repr(big)
+    assert big.plot().get_images()[0].get_array().shape == (100, 100)
+
+
+def test_identical_partial_masks_are_stored_once():
+    """Issue 11: strided at L=16384 stored 34 MB (8320 partial blocks of 64x64)."""
+    mask = BlockMask.strided(16384, 64, 256)
+    assert mask.num_partial_blocks == 8320
+    assert mask.num_stored_masks <= 4
+    assert mask.partial_masks.numel() <= 4 * 64 * 64  # bytes: 16 KB instead of 34 MB
+    small = BlockMask.strided(1000, 64, 256)  # same rule, checked element by element
+    rows, cols = grid(1000, 1000)
+    rule = ((rows // 256 == cols // 256) | (cols % 256 >= 255)) & (cols <= rows)
+    check_fields(small, as_4d(rule))
+    # masks handed to the public constructor are deduplicated too
+    doubled = torch.cat([small.partial_masks, small.partial_masks])
+    rebuilt = BlockMask(small.seq_lengths, small.block_size, small.layout, small.full,
+                        small.partial_index + small.num_stored_masks * (small.partial_index
+                                                                        >= 0).int(),
+                        doubled)
+    assert rebuilt.num_stored_masks == small.num_stored_masks
+    assert torch.equal(rebuilt.to_dense(), small.to_dense())
+
+
+def test_public_constructor_takes_block_sized_partial_masks():
+    good = BlockMask.causal((10, 13), (16, 3))  # bq > Lq: stored as (10, 3)
+    assert tuple(good.partial_masks.shape[1:]) == (10, 3)
+    padded = torch.zeros(good.num_stored_masks, 16, 3, dtype=torch.bool)
+    padded[:, :10] = good.partial_masks
+    rebuilt = BlockMask((10, 13), (16, 3), good.layout, good.full, good.partial_index, padded)
+    assert torch.equal(rebuilt.partial_masks, good.partial_masks)
+    padded[0, 12, 0] = True  # row 12 does not exist
+    with pytest.raises(ValueError, match="past the sequence lengths"):
+        BlockMask((10, 13), (16, 3), good.layout, good.full, good.partial_index, padded)
 
 
 def test_public_constructor_checks_consistency():

@@ -128,6 +128,105 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
         mmattn.cross_attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"dropout_p": True}, TypeError, "^dropout_p"),
+    ({"scale": True}, TypeError, "^scale"),
+    ({"scale": "1"}, TypeError, "^scale"),
+    ({"is_causal": "yes"}, TypeError, "^is_causal"),
+    ({"is_causal": 1}, TypeError, "^is_causal"),
+    ({"return_weights": "no"}, TypeError, "^return_weights"),
+    ({"return_lse": None}, TypeError, "^return_lse"),
+    ({"dropout_p": 0.1, "dropout_seed": True}, TypeError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": 3.0}, TypeError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": torch.tensor(3.7)}, TypeError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": torch.tensor(True)}, TypeError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": torch.tensor(-5)}, ValueError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": torch.tensor([1, 2])}, ValueError, "^dropout_seed"),
+    ({"dropout_p": 0.1, "dropout_seed": 2**63}, ValueError, "^dropout_seed"),
+    ({"dropout_seed": "x"}, TypeError, "^dropout_seed"),  # checked without dropout too
+    ({"attn_mask": torch.zeros(5, 6).to_sparse()}, TypeError, "^attn_mask must be a dense"),
+    ({"attn_mask": torch.zeros(2, 4, 5, 6).to_mkldnn()}, TypeError, "^attn_mask must be a dense"),
+    ({"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool).to_sparse()}, TypeError,
+     "^key_padding_mask must be a dense"),
+])
+def test_loose_arguments_raise_errors_naming_them(kwargs, exc, match):
+    """Issue 11 item 7: each raises a TypeError/ValueError naming the argument."""
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=match):
+        mmattn.cross_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("kind", ["sparse", "mkldnn", "nested", "jagged"])
+def test_non_dense_tensors_raise_errors_naming_them(name, kind):
+    tensors = dict(zip("qkv", _qkv(), strict=True))
+    t = tensors[name]
+    if kind == "sparse":
+        t = t.to_sparse()
+    elif kind == "mkldnn":
+        t = t.to_mkldnn()
+    else:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nested tensors are a prototype API
+            layout = torch.jagged if kind == "jagged" else torch.strided
+            t = torch.nested.nested_tensor(list(t), layout=layout)
+    tensors[name] = t
+    with pytest.raises(TypeError, match=f"^{name} must be a dense"):
+        mmattn.cross_attention(**tensors)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv(torch.float64)
+    expected = mmattn.cross_attention(q, k, v, scale=0.25, dropout_p=0.5, dropout_seed=3,
+                                      is_causal=True)
+    ours = mmattn.cross_attention(q, k, v, scale=np.float32(0.25), dropout_p=np.float32(0.5),
+                                  dropout_seed=np.int64(3), is_causal=np.bool_(True))
+    torch.testing.assert_close(ours, expected)
+    seeded = mmattn.cross_attention(q, k, v, dropout_p=np.float64(0.5),
+                                    dropout_seed=torch.tensor(3, dtype=torch.int32))
+    torch.testing.assert_close(seeded, mmattn.cross_attention(q, k, v, dropout_p=0.5,
+                                                              dropout_seed=3))
+
+
+def test_block_mask_on_the_meta_device_raises_naming_it():
+    block_mask = mmattn.BlockMask.causal((5, 6), 4)
+    with pytest.raises(ValueError, match=r"^device is on the meta device"):
+        block_mask.to("meta")
+    with pytest.raises(ValueError, match=r"^mask is on the meta device"):
+        mmattn.BlockMask.from_dense_mask(torch.ones(5, 6, dtype=torch.bool, device="meta"), 4)
+    with pytest.raises(ValueError, match=r"^layout is on the meta device"):
+        mmattn.BlockMask.from_layout(torch.ones(2, 2, dtype=torch.bool, device="meta"), (5, 6),
+                                     4)
+    q, k, v = (t.to("meta") for t in _qkv())
+    with pytest.raises(ValueError, match=r"^block_mask"):
+        mmattn.cross_attention(q, k, v, block_mask=block_mask)
+
+
+def test_watts_strogatz_block_mask_names_k():
+    with pytest.raises(ValueError, match=r"^k must be <= the number of key blocks .* = 4"):
+        mmattn.BlockMask.watts_strogatz(16, 4, 6, 0.1)
+    with pytest.raises(ValueError, match=r"^k must be <= the number of key blocks .* = 2"):
+        mmattn.BlockMask.watts_strogatz((16, 8), 4, 4, 0.1)
+
+
+def test_ws_linear_arguments_raise_errors_naming_them():
+    layout = SparseLayout.from_mask(torch.rand(4, 6) < 0.5)
+    x, weight = torch.randn(3, 6), torch.randn(layout.nnz)
+    for args, exc, match in [
+        (([1.0], weight, layout), TypeError, "^x must be a torch.Tensor"),
+        ((x.to_sparse(), weight, layout), TypeError, "^x must be a dense"),
+        ((x, [1.0], layout), TypeError, "^weight must be a torch.Tensor"),
+        ((x, weight.to_sparse(), layout), TypeError, "^weight must be a dense"),
+        ((x, weight, layout, [0.0] * 4), TypeError, "^bias must be a torch.Tensor"),
+        ((x, weight, layout, torch.zeros(4).to_sparse()), TypeError, "^bias must be a dense"),
+        ((x, weight, "layout"), TypeError, "^layout must be"),
+    ]:
+        with pytest.raises(exc, match=match):
+            mmattn.ws_linear(*args)
+
+
 def test_bad_tensors_raise_clear_errors():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="4-D"):

@@ -153,3 +153,94 @@ def test_to_cuda_round_trip():
     back = on_gpu.to("cpu")
     for a, b in zip(back.index_tensors(), layout.index_tensors(), strict=True):
         assert torch.equal(a, b)
+
+
+# --- hand-built layouts are checked at construction (issue 11) ----------------------------
+
+def _fields(layout: SparseLayout) -> dict[str, torch.Tensor]:
+    names = ("crow_indices", "col_indices", "row_indices", "ccol_indices", "row_indices_t",
+             "transpose_perm")
+    return {name: t.clone() for name, t in zip(names, layout.index_tensors(), strict=True)}
+
+
+def _rebuild(layout: SparseLayout, **change) -> SparseLayout:
+    return SparseLayout(layout.shape, layout.block_size, **{**_fields(layout), **change})
+
+
+def test_hand_built_layout_equal_to_a_checked_one_is_accepted():
+    layout = SparseLayout.from_mask(random_mask(9, 13, 0.4, seed=3), block_size=2)
+    again = _rebuild(layout)
+    check_layout(again, block_grid(random_mask(9, 13, 0.4, seed=3), 2))
+    empty = SparseLayout.from_coo([], [], (0, 5))
+    assert _rebuild(empty).nnz == 0
+
+
+def test_wrong_transpose_perm_is_rejected():
+    """In range and a permutation, but not column-major order: the CPU kernel would give
+    a silently wrong dX."""
+    layout = SparseLayout.from_mask(random_mask(8, 8, 0.5, seed=1))
+    perm = layout.transpose_perm.clone()
+    perm[[0, 1]] = perm[[1, 0]]
+    row_t = layout.row_indices[perm.long()].clone()  # consistent with the wrong perm
+    with pytest.raises(ValueError, match=r"^transpose_perm"):
+        _rebuild(layout, transpose_perm=perm, row_indices_t=row_t)
+    repeated = layout.transpose_perm.clone()
+    repeated[1] = repeated[0]
+    with pytest.raises(ValueError, match=r"^transpose_perm must be a permutation"):
+        _rebuild(layout, transpose_perm=repeated)
+    with pytest.raises(ValueError, match=r"^row_indices_t"):
+        _rebuild(layout, row_indices_t=layout.row_indices_t.flip(0).contiguous())
+
+
+def test_duplicate_column_in_a_row_is_rejected():
+    """The CPU kernel summed duplicates, the reference overwrote them."""
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([1, 1, 0], dtype=torch.int32)
+    rows = torch.tensor([0, 0, 1], dtype=torch.int32)
+    ccol = torch.tensor([0, 1, 3, 3], dtype=torch.int32)
+    perm = torch.tensor([2, 0, 1], dtype=torch.int32)
+    rows_t = torch.tensor([1, 0, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^col_indices has a duplicate column in row 0"):
+        SparseLayout((2, 3), 1, crow, col, rows, ccol, rows_t, perm)
+    unsorted = torch.tensor([2, 1, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^col_indices has unsorted columns"):
+        SparseLayout((2, 3), 1, crow, unsorted, rows, ccol, rows_t, perm)
+
+
+def test_negative_or_out_of_range_column_is_rejected():
+    """A negative column raised on CPU but wrapped silently on the reference path."""
+    layout = SparseLayout.from_mask(random_mask(5, 6, 0.5, seed=2))
+    for bad in (-1, 6):
+        col = layout.col_indices.clone()
+        col[0] = bad
+        with pytest.raises(ValueError, match=r"^col_indices must be in \[0, 6\)"):
+            _rebuild(layout, col_indices=col)
+
+
+@pytest.mark.parametrize(("field", "edit", "error", "match"), [
+    ("crow_indices", lambda t: t.flip(0).contiguous(), ValueError, "^crow_indices"),
+    ("crow_indices", lambda t: t[:-1].contiguous(), ValueError, "^crow_indices must have"),
+    ("crow_indices", lambda t: t.long(), TypeError, "^crow_indices must be an int32"),
+    ("row_indices", lambda t: t.flip(0).contiguous(), ValueError, "^row_indices must be"),
+    ("ccol_indices", lambda t: t.flip(0).contiguous(), ValueError, "^ccol_indices"),
+    ("col_indices", lambda t: t.view(1, -1), ValueError, "^col_indices must be a contiguous"),
+    ("transpose_perm", lambda t: t[:-1].contiguous(), ValueError, "^transpose_perm must have"),
+])
+def test_inconsistent_index_arrays_name_the_field(field, edit, error, match):
+    layout = SparseLayout.from_mask(random_mask(7, 9, 0.5, seed=4))
+    with pytest.raises(error, match=match):
+        _rebuild(layout, **{field: edit(getattr(layout, field))})
+
+
+def test_layout_arguments_are_checked():
+    layout = SparseLayout.from_mask(random_mask(4, 4, 0.5, seed=0))
+    with pytest.raises(ValueError, match=r"^block_size must be >= 1"):
+        SparseLayout.from_coo([0], [0], (4, 4), block_size=0)  # was a ZeroDivisionError
+    with pytest.raises(TypeError, match=r"^block_size must be an int"):
+        SparseLayout.from_coo([0], [0], (4, 4), block_size=2.0)
+    with pytest.raises(TypeError, match=r"^shape"):
+        SparseLayout.from_coo([0], [0], 4)
+    with pytest.raises(ValueError, match=r"^block_size"):
+        SparseLayout(layout.shape, 0, *layout.index_tensors())
+    with pytest.raises(TypeError, match=r"^shape"):
+        SparseLayout([4, 4], 1, *layout.index_tensors())

@@ -103,8 +103,13 @@ def test_fusion_input_checks():
     ours = WSMultiModalFusion(3, 8, 4, 0.3)
     with pytest.raises(ValueError, match="list of 3 tensors"):
         ours([torch.randn(2, 8)] * 2)
-    with pytest.raises(ValueError, match="in_features"):
+    with pytest.raises(ValueError, match=r"features\[2\].*features_per_modality=8"):
         ours([torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)])
+    # issue 11: widths that only sum to the total would mix modalities after the concat
+    with pytest.raises(ValueError, match=r"features\[0\].*features_per_modality=8"):
+        ours([torch.randn(2, 10), torch.randn(2, 6), torch.randn(2, 8)])
+    with pytest.raises(ValueError, match=r"features\[1\]"):
+        ours([torch.randn(2, 8), torch.tensor(1.0), torch.randn(2, 8)])
     with pytest.raises(ValueError, match="positive int"):
         WSMultiModalFusion(0, 8)
 

@@ -280,17 +280,40 @@ void set_blocks(Problem& p, BlockArgs& a) {
   check(*a.full, "full_blocks", ScalarType::Bool, {bv.Bm, bv.Hm, bv.nbq, bv.nbk});
   check(*a.partial_index, "partial_index", ScalarType::Int, {bv.Bm, bv.Hm, bv.nbq, bv.nbk});
   const Tensor& pm = *a.partial_masks;
+  // Partial masks cover the first (pq, pk) <= (bq, bk) positions of a block; mmattn.BlockMask
+  // stores (min(bq, Lq), min(bk, Lk)). Positions past them are not visible.
   STD_TORCH_CHECK(pm.is_cpu() && pm.scalar_type() == ScalarType::Bool && pm.dim() == 3 &&
-                      pm.size(1) == a.bq && pm.size(2) == a.bk,
-                  "fused attention: partial_masks must be a CPU bool tensor (P, bq, bk)");
+                      pm.size(1) <= a.bq && pm.size(2) <= a.bk,
+                  "fused attention: partial_masks must be a CPU bool tensor (P, pq, pk) with "
+                  "pq <= bq and pk <= bk");
   bv.kv_num = a.kv_num->const_data_ptr<int32_t>();
   bv.kv_idx = a.kv_idx->const_data_ptr<int32_t>();
   bv.q_num = a.q_num->const_data_ptr<int32_t>();
   bv.q_idx = a.q_idx->const_data_ptr<int32_t>();
   bv.full = static_cast<const uint8_t*>(a.full->const_data_ptr());
   bv.partial_index = a.partial_index->const_data_ptr<int32_t>();
-  // Score tiles hold key rows of query lanes, so partial masks are read as (P, bk, bq).
-  a.partial_t = torch::stable::contiguous(torch::stable::transpose(pm, 1, 2));
+  // Score tiles hold key rows of query lanes, so partial masks are read as (P, pk, pq),
+  // pq = min(bq, Lq) and pk = min(bk, Lk): every position a tile of a block can reach.
+  bv.pq = std::min(a.bq, p.Lq);
+  bv.pk = std::min(a.bk, p.Lk);
+  const int64_t num_masks = pm.size(0), pm_q = pm.size(1), pm_k = pm.size(2);
+  if (pm_q == bv.pq && pm_k == bv.pk) {
+    a.partial_t = torch::stable::contiguous(torch::stable::transpose(pm, 1, 2));
+  } else {  // another extent: the part inside (pq, pk), False around it
+    const Tensor src = torch::stable::contiguous(pm);
+    a.partial_t = torch::stable::new_empty(pm, {num_masks, bv.pk, bv.pq});
+    torch::stable::zero_(a.partial_t);
+    const uint8_t* from = static_cast<const uint8_t*>(src.const_data_ptr());
+    uint8_t* to = static_cast<uint8_t*>(a.partial_t.mutable_data_ptr());
+    const int64_t rows = std::min(pm_q, bv.pq), cols = std::min(pm_k, bv.pk);
+    for (int64_t m = 0; m < num_masks; ++m) {
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          to[(m * bv.pk + j) * bv.pq + i] = from[(m * pm_q + i) * pm_k + j];
+        }
+      }
+    }
+  }
   bv.partial_t = static_cast<const uint8_t*>(a.partial_t.const_data_ptr());
   // Indices are trusted by the kernels; check their range once here (cheap:
   // O(number of blocks), not O(Lq x Lk)).

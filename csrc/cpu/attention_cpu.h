@@ -91,9 +91,11 @@ struct BlockView {
   const int32_t* q_idx = nullptr;       // (Bm, Hm, nbk, nbq), ascending
   const uint8_t* full = nullptr;        // (Bm, Hm, nbq, nbk)
   const int32_t* partial_index = nullptr;  // (Bm, Hm, nbq, nbk), -1 = none
-  // partial_masks transposed to (P, bk, bq): a key row of a partial block
-  // holds its query lanes contiguously, as the score tiles do.
+  // partial_masks transposed to (P, pk, pq), (pq, pk) = (min(bq, Lq), min(bk, Lk)):
+  // a key row of a partial block holds its query lanes contiguously, as the score
+  // tiles do.
   const uint8_t* partial_t = nullptr;
+  int64_t pq = 0, pk = 0;
 
   inline int64_t head_base(int64_t b, int64_t h) const {
     return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h));

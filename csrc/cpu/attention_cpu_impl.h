@@ -436,8 +436,8 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
     if (bv.full[row * bv.nbk + kb]) {
       push(lo, hi, nullptr, 0);
     } else if (pidx >= 0) {
-      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (i0 - qb * bv.bq);
-      push(lo, hi, pm, bv.bq);
+      const uint8_t* pm = bv.partial_t + pidx * bv.pk * bv.pq + (i0 - qb * bv.bq);
+      push(lo, hi, pm, bv.pq);
     }
   }
 }
@@ -741,8 +741,8 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
     if (bv.full[cell]) {
       push(lo, hi, nullptr, 0);
     } else if (pidx >= 0) {
-      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (j0 - kb * bv.bk) * bv.bq;
-      push(lo, hi, pm, bv.bq);
+      const uint8_t* pm = bv.partial_t + pidx * bv.pk * bv.pq + (j0 - kb * bv.bk) * bv.pq;
+      push(lo, hi, pm, bv.pq);
     }
   }
 }

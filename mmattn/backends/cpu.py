@@ -19,7 +19,14 @@ Kernel facts (see the C++ sources for the why):
   ``MMATTN_CPU_ISA=avx512|avx2|generic`` forces one (tests use it), and
   :func:`kernel_isa` tells which one runs;
 * ws_linear kernels take 2-D ``(batch, features)`` inputs with any strides (leading
-  dimensions are flattened here) and are deterministic for any thread count.
+  dimensions are flattened here) and are deterministic for any thread count;
+* attention is bitwise deterministic run to run (threads pull work items from a counter,
+  but every output element has one writer and partial sums are added in a fixed
+  order, so no result depends on which thread ran what). The forward, dk and dv do not
+  depend on the thread count either; dq does, in its last bits, when the backward splits
+  the keys into chunks -- fewer (batch, kv head) pairs than ``2 x threads`` and not a
+  multiple of ``threads`` -- because the chunks' dq partials are then grouped otherwise
+  (tests/test_determinism_threads.py).
 """
 
 from __future__ import annotations

@@ -110,8 +110,12 @@ def block_mask_to_dense(full: Tensor, partial_index: Tensor, partial_masks: Tens
 
     Args:
         full: bool ``(Bm, Hm, nbq, nbk)``, True where every element of the block is visible.
-        partial_index: int32 ``(Bm, Hm, nbq, nbk)``, index into ``partial_masks`` or -1.
-        partial_masks: bool ``(P, bq, bk)``.
+        partial_index: int32 ``(Bm, Hm, nbq, nbk)``, index into ``partial_masks`` or -1
+            (several blocks may share an entry).
+        partial_masks: bool ``(P, pq, pk)`` with ``pq <= bq``, ``pk <= bk``: the element
+            mask of a block's first ``pq`` query and ``pk`` key positions; positions past
+            them (or past ``Lq``/``Lk``) are not visible. :class:`mmattn.BlockMask` stores
+            ``(min(bq, Lq), min(bk, Lk))``.
         block_size: ``(bq, bk)``; seq_lengths: ``(Lq, Lk)``.
 
     Returns:
@@ -119,10 +123,17 @@ def block_mask_to_dense(full: Tensor, partial_index: Tensor, partial_masks: Tens
     """
     (bq, bk), (lq, lk) = block_size, seq_lengths
     bm, hm, nbq, nbk = full.shape
-    blocks = full[..., None, None].expand(bm, hm, nbq, nbk, bq, bk).clone()
+    # A block larger than its sequence covers the sequence: tiling the grid with
+    # (min(bq, Lq), min(bk, Lk)) puts every element where (bq, bk) would, without
+    # materialising the part of a block past the lengths.
+    pq, pk = min(bq, lq), min(bk, lk)
+    masks = partial_masks[:, :pq, :pk]
+    if masks.shape[1:] != (pq, pk):
+        masks = torch.nn.functional.pad(masks, (0, pk - masks.shape[2], 0, pq - masks.shape[1]))
+    blocks = full[..., None, None].expand(bm, hm, nbq, nbk, pq, pk).clone()
     partial = partial_index >= 0
-    blocks[partial] = partial_masks[partial_index[partial].long()]
-    dense = blocks.permute(0, 1, 2, 4, 3, 5).reshape(bm, hm, nbq * bq, nbk * bk)
+    blocks[partial] = masks[partial_index[partial].long()]
+    dense = blocks.permute(0, 1, 2, 4, 3, 5).reshape(bm, hm, nbq * pq, nbk * pk)
     return dense[:, :, :lq, :lk]
 
 

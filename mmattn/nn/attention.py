@@ -198,7 +198,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             if tuple(key_padding_mask.shape) != (batch, src_len):
                 raise ValueError(f"key_padding_mask must have shape (N, S) = {(batch, src_len)}, "
                                  f"got {tuple(key_padding_mask.shape)}")
-        use_causal = is_causal and key_padding_mask is None and not need_weights
+        # bool(): a drop-in for nn.MultiheadAttention takes truthy flags as it does
+        use_causal = bool(is_causal) and key_padding_mask is None and not need_weights
         if use_causal:
             attn_mask = None
         if key_padding_mask is not None and key_padding_mask.is_floating_point():
@@ -225,7 +226,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         result = cross_attention(
             q, k, v, attn_mask=attn_mask,
             key_padding_mask=key_padding_mask, block_mask=block_mask, is_causal=use_causal,
-            dropout_p=dropout_p, return_weights=need_weights,
+            dropout_p=dropout_p, return_weights=bool(need_weights),
         )
         out, weights = result if need_weights else (result, None)
         # (B, H, L, D) -> the caller's layout, then the output projection.
@@ -367,7 +368,7 @@ class CrossModalAttention(nn.Module):
         dropout_p = self.dropout.p if self.training else 0.0
         result = cross_attention(q, k, v, attn_mask=attn_mask, block_mask=block_mask,
                                  dropout_p=dropout_p, scale=1.0 / self.scale,
-                                 return_weights=want_weights)
+                                 return_weights=bool(want_weights))
         context, weights = result if want_weights else (result, None)
         context = context.transpose(1, 2).flatten(2)
         return self.out_proj(context), weights

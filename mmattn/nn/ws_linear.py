@@ -94,8 +94,10 @@ class _CompressedLinear(nn.Module):
     @property
     def layout(self) -> SparseLayout:
         """The layout, on the module's device (views of the buffers, not copies)."""
-        return SparseLayout((self.out_features, self.in_features), self.block_size,
-                            *self._index())
+        # Trusted: the buffers come from a checked layout, or from a loaded state_dict
+        # that _rebuild_derived_index checked.
+        return SparseLayout._trusted((self.out_features, self.in_features), self.block_size,
+                                     *self._index())
 
     @property
     def nnz(self) -> int:
@@ -350,7 +352,25 @@ class WSMultiModalFusion(_CompressedLinear):
             raise ValueError(f"features must be a list of {self.n_modalities} tensors, got "
                              f"{type(features).__name__} of length "
                              f"{len(features) if isinstance(features, (list, tuple)) else '-'}")
+        width = self.features_per_modality
+        # Widths that only sum to the total would mix modalities silently after the cat.
+        try:
+            for feature in features:
+                if feature.size(-1) != width:
+                    self._raise_feature_error(features)
+        except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
+            self._raise_feature_error(features)
         return _CompressedLinear.forward(self, torch.cat(features, dim=-1))
+
+    def _raise_feature_error(self, features: list[Tensor] | tuple[Tensor, ...]) -> None:
+        width = self.features_per_modality
+        for index, feature in enumerate(features):
+            if not isinstance(feature, Tensor) or feature.dim() == 0 or (
+                    feature.size(-1) != width):
+                shape = tuple(feature.shape) if isinstance(feature, Tensor) else None
+                raise ValueError(f"features[{index}] must be a tensor (..., "
+                                 f"features_per_modality={width}), got "
+                                 f"{shape if shape is not None else type(feature).__name__}")
 
     @property
     def mask(self) -> Tensor:
