@@ -192,9 +192,13 @@ def _version() -> str:
 
 
 def _sources() -> list[str]:
-    cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    return cpp + cu
+    # csrc/emu is the CPU emulator of the CUDA device layer: it builds only into the
+    # test extension mmattn._C_emu (scripts/build_cuda_emu.py), never into mmattn._C.
+    def listed(pattern: str) -> list[str]:
+        return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob(pattern)
+                      if "emu" not in p.relative_to(ROOT / "csrc").parts[:1])
+
+    return listed("*.cpp") + listed("*.cu")
 
 
 setup(
