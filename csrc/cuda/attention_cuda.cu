@@ -55,7 +55,10 @@ bool same_shape(const Tensor& t, const Shape& shape) {
 Tensor rows16(const Tensor& t) {
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   for (int64_t i = 0; ok && i < t.dim() - 1; ++i) ok = t.size(i) <= 1 || t.stride(i) % 8 == 0;
-  return ok ? t : torch::stable::contiguous(t);
+  if (ok) return t;
+  Tensor c = torch::stable::contiguous(t);
+  // A contiguous tensor whose start is misaligned comes back as itself: copy it.
+  return c.const_data_ptr() == t.const_data_ptr() ? torch::stable::clone(c) : c;
 }
 
 struct Dims {

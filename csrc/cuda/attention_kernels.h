@@ -70,6 +70,27 @@ MMATTN_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float 
   a[3] = dev::pack2<T>(c1[2], c1[3]);
 }
 
+// dS as two 16-bit terms, hi + lo (lo = what rounding dS to T lost), so that dK and
+// dQ see dS to ~2^-16 relative: rounding dS once would put a relative error of 2^-11
+// (fp16) / 2^-8 (bf16) on every gradient term, about the size of the final rounding
+// of the gradient itself (the tests' bound is twice the reference's error).
+template <class T>
+MMATTN_DEVICE void acc_to_a_split(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&c0)[4],
+                                  const float (&c1)[4]) {
+  acc_to_a<T>(hi, c0, c1);
+  float r0[4], r1[4];
+  dev::unpack2<T>(hi[0], &r0[0], &r0[1]);
+  dev::unpack2<T>(hi[1], &r0[2], &r0[3]);
+  dev::unpack2<T>(hi[2], &r1[0], &r1[1]);
+  dev::unpack2<T>(hi[3], &r1[2], &r1[3]);
+  MMATTN_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    r0[e] = c0[e] - r0[e];
+    r1[e] = c1[e] - r1[e];
+  }
+  acc_to_a<T>(lo, r0, r1);
+}
+
 template <class T>
 MMATTN_DEVICE void mma2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
                         const uint32_t (&b)[4]) {
@@ -530,13 +551,14 @@ MMATTN_KERNEL_BOUNDS(kThreads) void attention_bwd_dkdv_kernel(const AttnParams p
       // dK += dS^T Q
       MMATTN_UNROLL
       for (int kq = 0; kq < BMQ / 16; ++kq) {
-        uint32_t da[4];
-        acc_to_a<T>(da, st[2 * kq], st[2 * kq + 1]);
+        uint32_t da[4], da_lo[4];
+        acc_to_a_split<T>(da, da_lo, st[2 * kq], st[2 * kq + 1]);
         MMATTN_UNROLL
         for (int jd = 0; jd < DP / 16; ++jd) {
           uint32_t qb[4];
           load_b_kn(qb, q_s + kq * 16 * QS + jd * 16, QS);
           mma2<T>(dk[2 * jd], dk[2 * jd + 1], da, qb);
+          mma2<T>(dk[2 * jd], dk[2 * jd + 1], da_lo, qb);
         }
       }
     }
@@ -666,13 +688,14 @@ MMATTN_KERNEL_BOUNDS(kThreads) void attention_bwd_dq_kernel(const AttnParams p) 
     // dQ += dS K
     MMATTN_UNROLL
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t da[4];
-      acc_to_a<T>(da, s[2 * kk], s[2 * kk + 1]);
+      uint32_t da[4], da_lo[4];
+      acc_to_a_split<T>(da, da_lo, s[2 * kk], s[2 * kk + 1]);
       MMATTN_UNROLL
       for (int jd = 0; jd < DP / 16; ++jd) {
         uint32_t kb[4];
         load_b_kn(kb, k_s + kk * 16 * KS + jd * 16, KS);
         mma2<T>(dq[2 * jd], dq[2 * jd + 1], da, kb);
+        mma2<T>(dq[2 * jd], dq[2 * jd + 1], da_lo, kb);
       }
     }
   }

@@ -442,6 +442,7 @@ MMATTN_DEVICE void cp_async_wait_all() {
 
 MMATTN_DEVICE Vec16 load16(const void* p) {
 #if defined(MMATTN_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fail("16-byte load from a misaligned address");
   Vec16 v;
   std::memcpy(&v, p, 16);
   return v;
@@ -451,6 +452,7 @@ MMATTN_DEVICE Vec16 load16(const void* p) {
 }
 MMATTN_DEVICE void store16(void* p, const Vec16& v) {
 #if defined(MMATTN_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fail("16-byte store to a misaligned address");
   std::memcpy(p, &v, 16);
 #else
   *reinterpret_cast<uint4*>(p) = v;
@@ -458,6 +460,7 @@ MMATTN_DEVICE void store16(void* p, const Vec16& v) {
 }
 MMATTN_DEVICE uint32_t load_u32(const void* p) {
 #if defined(MMATTN_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("4-byte access at a misaligned address");
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
@@ -467,6 +470,7 @@ MMATTN_DEVICE uint32_t load_u32(const void* p) {
 }
 MMATTN_DEVICE void store_u32(void* p, uint32_t v) {
 #if defined(MMATTN_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("4-byte access at a misaligned address");
   std::memcpy(p, &v, 4);
 #else
   *reinterpret_cast<uint32_t*>(p) = v;

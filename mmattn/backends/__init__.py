@@ -1,0 +1,1 @@
+"""One module per backend (reference, cpu, triton, cuda) with the same functions."""
