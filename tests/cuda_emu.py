@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,3 +40,34 @@ def emu_seed(seed: int) -> Iterator[None]:
         yield
     finally:
         torch.ops.mmattn_emu.emu_set_seed(previous)
+
+
+@dataclass
+class Target:
+    """A build of the CUDA backend and the device its tensors live on."""
+
+    backend: Any
+    device: str
+    seed: int | None  # emulator scheduling seed (None on a GPU)
+
+    def run(self, fn, *args, **kwargs):
+        if self.seed is None:
+            return fn(*args, **kwargs)
+        with emu_seed(self.seed):
+            return fn(*args, **kwargs)
+
+
+# Parameters of a `target` fixture: the emulator under each seed, then the GPU.
+TARGET_PARAMS = [*(f"emu{s}" for s in SEEDS), pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+def make_target(param: str, op_name: str) -> Target:
+    """The Target of a TARGET_PARAMS entry (skips when that build is missing)."""
+    from mmattn.backends import cuda
+
+    if param == "gpu":
+        if not cuda._REAL._has(op_name):
+            pytest.skip("mmattn._C was built without the CUDA kernels")
+        return Target(cuda, "cuda", None)
+    require_emulator()
+    return Target(cuda.emulated(), "cpu", int(param[3:]))

@@ -9,12 +9,10 @@ bound: tests/tolerance.py's rule against the same-dtype reference.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
-from cuda_emu import SEEDS, emu_seed, require_emulator
+from cuda_emu import SEEDS, TARGET_PARAMS, Target, emu_seed, make_target, require_emulator
 from tolerance import assert_within_rule
 
 from mmattn import reference
@@ -23,31 +21,9 @@ from mmattn.ops import block_mask_args
 from mmattn.philox import dropout_keep_mask
 
 
-@dataclass
-class Target:
-    """A build of the CUDA backend and the device its tensors live on."""
-
-    backend: Any
-    device: str
-    seed: int | None  # emulator scheduling seed (None on a GPU)
-
-    def run(self, fn, *args, **kwargs):
-        if self.seed is None:
-            return fn(*args, **kwargs)
-        with emu_seed(self.seed):
-            return fn(*args, **kwargs)
-
-
-@pytest.fixture(params=[*(f"emu{s}" for s in SEEDS), pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(params=TARGET_PARAMS)
 def target(request) -> Target:
-    from mmattn.backends import cuda
-
-    if request.param == "gpu":
-        if not cuda._REAL._has("cuda_attention_fwd"):
-            pytest.skip("mmattn._C was built without the CUDA kernels")
-        return Target(cuda, "cuda", None)
-    require_emulator()
-    return Target(cuda.emulated(), "cpu", int(request.param[3:]))
+    return make_target(request.param, "cuda_attention_fwd")
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dv, dtype, amplitude=1.0):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cuda_emu import SEEDS, emu_seed, require_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
