@@ -13,6 +13,7 @@ Environment:
   MAX_JOBS                 parallel compile jobs (default: CPU count)
   NVCC_THREADS             nvcc --threads per job (default 2)
   MMATTN_LOCAL_VERSION     local version tag; default "cu<major>" when CUDA is compiled
+  MMATTN_CUDA_WERROR=1     nvcc, ptxas and host-compiler warnings of .cu files are errors (CI)
   CUDA_HOME                CUDA toolkit root (default: from nvcc on PATH)
 """
 
@@ -141,13 +142,15 @@ class MMAttnBuildExt(build_ext):
             obj_dir = Path(self.build_temp) / "cuda"
             obj_dir.mkdir(parents=True, exist_ok=True)
             includes = [f"-I{p}" for p in [*ext.include_dirs, str(cuda_home / "include")]]
+            werror = (["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+                      if os.environ.get("MMATTN_CUDA_WERROR") == "1" else [])
 
             def compile_cu(src: str) -> str:
                 obj = obj_dir / (Path(src).stem + ".o")
                 cmd = [
                     nvcc, "-c", src, "-o", str(obj), "-std=c++17", "-O3", "--use_fast_math",
                     "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                    "--threads", nvcc_threads, *common_defines, *gencode, *includes,
+                    "--threads", nvcc_threads, *common_defines, *gencode, *includes, *werror,
                 ]
                 print(" ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)

@@ -258,6 +258,7 @@ constexpr size_t forward_smem_bytes() {
   return 2u * (kBlockM * (DP + kPad) + kBlockN * (DP + kPad) + kBlockN * (DVP + kPad));
 }
 
+// (Asking for 3 CTAs per SM at head dim 64, i.e. 168 registers, spilled on sm_80.)
 template <class T, int DP, int DVP>
 MMATTN_KERNEL_BOUNDS(kThreads) void attention_fwd_kernel(const AttnParams p) {
   constexpr int QS = DP + kPad, KS = DP + kPad, VS = DVP + kPad;

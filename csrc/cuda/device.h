@@ -59,7 +59,7 @@
 
 #if defined(MMATTN_CUDA_EMULATION)
 #define MMATTN_KERNEL
-#define MMATTN_KERNEL_BOUNDS(threads)
+#define MMATTN_KERNEL_BOUNDS(...)
 #define MMATTN_DEVICE inline __attribute__((always_inline))
 #define MMATTN_DEV_HOST inline
 #define MMATTN_UNROLL _Pragma("GCC unroll 64")
@@ -68,7 +68,13 @@
       ::mmattn::emu::static_shared(sizeof(type) * (count), alignof(type) < 16 ? 16 : alignof(type)))
 #else
 #define MMATTN_KERNEL __global__
-#define MMATTN_KERNEL_BOUNDS(threads) __global__ __launch_bounds__(threads)
+// MMATTN_KERNEL_BOUNDS(threads[, min_blocks]): min_blocks defaults to 1. Without it
+// ptxas (CUDA 13) capped some kernels at 64 registers for occupancy and spilled.
+#define MMATTN_KERNEL_BOUNDS_2(threads, blocks) __global__ __launch_bounds__(threads, blocks)
+#define MMATTN_KERNEL_BOUNDS_1(threads) __global__ __launch_bounds__(threads, 1)
+#define MMATTN_PICK_BOUNDS(_1, _2, name, ...) name
+#define MMATTN_KERNEL_BOUNDS(...) \
+  MMATTN_PICK_BOUNDS(__VA_ARGS__, MMATTN_KERNEL_BOUNDS_2, MMATTN_KERNEL_BOUNDS_1, )(__VA_ARGS__)
 #define MMATTN_DEVICE __device__ __forceinline__
 #define MMATTN_DEV_HOST __host__ __device__ __forceinline__
 #define MMATTN_UNROLL _Pragma("unroll")

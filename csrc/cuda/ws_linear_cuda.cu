@@ -133,11 +133,13 @@ MMATTN_KERNEL_BOUNDS(kThreads) void spmm_bsr_kernel(const SpmmParams p) {
         }
       }
       const int span = width - j0 < kChunk ? width - j0 : kChunk;
-      for (int jj = 0; jj < span; ++jj) {
-        const T* xc = x + c0 + j0 + jj;
-        MMATTN_UNROLL
-        for (int u = 0; u < kRows; ++u) {
-          if (u < rows) acc[u] += w[jj] * dev::to_float(xc[(n0 + u) * p.x_ld]);
+      MMATTN_UNROLL
+      for (int u = 0; u < kRows; ++u) {
+        if (u >= rows) break;
+        const T* xr = x + (n0 + u) * p.x_ld + c0 + j0;
+        MMATTN_UNROLL  // constant indices into w keep it in registers
+        for (int jj = 0; jj < kChunk; ++jj) {
+          if (jj < span) acc[u] += w[jj] * dev::to_float(xr[jj]);
         }
       }
     }
@@ -451,16 +453,15 @@ Tensor cuda_ws_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t ou
                   "cuda ws_linear: sizes must fit in int32");
   const cuda_host::DeviceGuard guard(x);
   const Tensor xr = unit_rows(x);
-  const std::optional<Tensor> b = bias.has_value()
-                                      ? std::optional<Tensor>(torch::stable::contiguous(*bias))
-                                      : std::nullopt;
+  Tensor b;  // the bias, contiguous, when given
+  if (bias.has_value()) b = torch::stable::contiguous(*bias);
   Tensor y = torch::stable::new_empty(x, {x.size(0), out_features});
   SpmmParams p;
   p.x = xr.const_data_ptr(), p.x_ld = xr.stride(0);
   p.y = y.mutable_data_ptr();
   p.values = values.const_data_ptr();
   p.ptr = crow.const_data_ptr<int32_t>(), p.idx = col.const_data_ptr<int32_t>();
-  p.bias = b.has_value() ? b->const_data_ptr() : nullptr;
+  p.bias = bias.has_value() ? b.const_data_ptr() : nullptr;
   p.N = static_cast<int>(x.size(0)), p.K = static_cast<int>(x.size(1));
   p.M = static_cast<int>(out_features), p.bs = static_cast<int>(bs);
   run_spmm(p, kind, false, cuda_host::stream_of(x));
