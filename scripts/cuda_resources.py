@@ -83,7 +83,7 @@ def main() -> int:
     names = demangle([r[1] for r in rows])
     print(f"{'arch':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>6}  kernel")
     failed = []
-    for (arch_, mangled, reg, stack, shared, local), name in zip(rows, names, strict=True):
+    for (arch_, _mangled, reg, stack, shared, local), name in zip(rows, names, strict=True):
         label = short(name)
         smem = shared
         for (kernel, dp), size in DYNAMIC_SMEM.items():

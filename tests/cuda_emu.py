@@ -8,7 +8,6 @@ but does not load fails them.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,13 @@ SEEDS = (0, 1, 2)
 
 
 def require_emulator() -> None:
-    """Load mmattn._C_emu (skip when it was never built)."""
+    """Load mmattn._C_emu and its fake kernels (skip when it was never built)."""
     if not EMU_SO.exists():
         pytest.skip("mmattn._C_emu is not built (run `make test` or "
                     "`python scripts/build_cuda_emu.py`)")
-    importlib.import_module("mmattn._C_emu")
+    from mmattn.backends import cuda
+
+    cuda.emulated()
 
 
 @contextlib.contextmanager

@@ -372,3 +372,20 @@ def test_bad_inputs_raise_before_any_kernel() -> None:
     blocks, size = block_mask_args(bm)
     with pytest.raises(RuntimeError, match="multiples of 64"):
         ops.cuda_attention_fwd(q, k, v, None, None, False, 0.0, 1.0, 0, False, *blocks, *size)
+
+
+def test_opcheck_emulated_ops() -> None:
+    """Schemas, fake kernels and dispatch of the ops (the emulated twins; the real ones
+    share schemas and fakes)."""
+    require_emulator()
+    ops = torch.ops.mmattn_emu
+    q, k, v = _inputs(1, 2, 1, 9, 11, 16, 16, torch.float16)
+    kpm = torch.zeros(1, 11, dtype=torch.bool)
+    none7 = (None,) * 7
+    torch.library.opcheck(ops.cuda_attention_fwd.default,
+                          (q, k, v, None, kpm, True, 0.1, 0.25, 3, True, *none7, 0, 0))
+    out, lse, o32 = ops.cuda_attention_fwd(q, k, v, None, kpm, True, 0.1, 0.25, 3, True,
+                                           *none7, 0, 0)
+    torch.library.opcheck(ops.cuda_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, o32, lse, None, None, kpm, True, 0.1,
+                           0.25, 3, *none7, 0, 0))

@@ -144,3 +144,16 @@ def test_unsupported_reasons() -> None:
     assert be.ws_linear_unsupported(torch.randn(2, 3)) is None
     assert "float32/float16/bfloat16" in be.ws_linear_unsupported(torch.randn(2, 3).double())
     assert "cuda tensors" in cuda.ws_linear_unsupported(torch.randn(2, 3))
+
+
+def test_opcheck_emulated_ops() -> None:
+    require_emulator()
+    ops = torch.ops.mmattn_emu
+    layout = _layout("ws", 16, 16, 1)
+    idx = layout.index_tensors()
+    x, values = torch.randn(3, 16), torch.randn(layout.nnz)
+    torch.library.opcheck(ops.cuda_ws_spmm.default,
+                          (x, values, idx[0], idx[1], 16, 1, torch.randn(16)))
+    torch.library.opcheck(ops.cuda_ws_spmm_backward.default,
+                          (torch.randn(3, 16), x, values, idx[0], idx[1], idx[3], idx[4], idx[5],
+                           1, True, True, True))
