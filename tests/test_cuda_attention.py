@@ -285,7 +285,9 @@ def test_strided_views_read_in_place_and_copied(target: Target) -> None:
         out, lse, _, o32 = target.run(be.attention_forward, q.to(dev), k.to(dev), v.to(dev),
                                       None, None, True, 0.0, 0.125, None, False, None, None,
                                       keep_fp32_out=True)
-        do = torch.ones_like(out)
+        flat_do = torch.zeros(out.numel() + 1, dtype=out.dtype, device=out.device)
+        flat_do[1:] = 1.0
+        do = flat_do[1:].view_as(out)  # contiguous, start not 16-byte aligned
         return (out, *target.run(be.attention_backward, do, q.to(dev), k.to(dev), v.to(dev),
                                  o32, lse, None, None, True, 0.0, 0.125, None, None, None))
 

@@ -304,8 +304,9 @@ std::tuple<Tensor, Tensor, Tensor> cuda_attention_bwd(
                     "cuda attention backward: grad_lse must be (B, Hq, Lq) on q's device");
   }
   const Tensor q16 = rows16(q), k16 = rows16(k), v16 = rows16(v);
-  const Tensor dout = torch::stable::contiguous(
-      grad_out.scalar_type() == st ? grad_out : torch::stable::to(grad_out, st));
+  // dO rows are read with cp.async too: contiguous and 16-byte aligned.
+  const Tensor dout = rows16(torch::stable::contiguous(
+      grad_out.scalar_type() == st ? grad_out : torch::stable::to(grad_out, st)));
   const Tensor o = torch::stable::contiguous(out);
   const Tensor lse_c = torch::stable::contiguous(lse);
   std::optional<Tensor> glse;
