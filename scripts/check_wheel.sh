@@ -45,7 +45,9 @@ if command -v nvcc >/dev/null 2>&1 && [ "${MMATTN_CUDA:-auto}" != "0" ]; then
   for arch in sm_80 sm_90; do
     echo "$ELF" | grep -q "$arch" || { echo "FAIL: no $arch code in $SO"; exit 1; }
   done
-  "$CUOBJDUMP" --list-ptx "$SO" | grep -Eq "(sm|compute)_90\.ptx" || { echo "FAIL: no compute_90 PTX"; exit 1; }
+  # Captured first: `grep -q` would close the pipe early and, under pipefail, fail it.
+  PTX=$("$CUOBJDUMP" --list-ptx "$SO")
+  echo "$PTX" | grep -Eq "(sm|compute)_90\.ptx" || { echo "FAIL: no compute_90 PTX"; exit 1; }
   if ldd "$SO" | grep -q libcudart; then echo "FAIL: cudart is linked dynamically"; exit 1; fi
   echo "CUDA kernels in $(basename "$SO") (cuobjdump --dump-resource-usage):"
   "$VENV/bin/python" scripts/cuda_resources.py --cuobjdump "$CUOBJDUMP" --fail-on-spill sm_90 "$SO"
