@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint wheel-check sanitize env clean
+.PHONY: run test lint wheel-check sanitize env emu clean
 
 env:
 	bash scripts/dev_env.sh
@@ -11,8 +11,13 @@ env:
 run: env
 	$(PY) -m mmattn.bench $(ARGS)
 
-## test: the full test suite (Triton under TRITON_INTERPRET=1 when no GPU) and ruff
-test: env
+## emu: mmattn._C_emu, the CUDA kernels built for the CPU SIMT emulator (tests only)
+emu: env
+	MMATTN_CUDA_EMULATION=1 $(PY) scripts/build_cuda_emu.py
+
+## test: the full test suite (Triton under TRITON_INTERPRET=1, CUDA C++ kernels under
+## the SIMT emulator when no GPU) and ruff
+test: env emu
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -15,6 +15,7 @@ Environment:
   MMATTN_LOCAL_VERSION     local version tag; default "cu<major>" when CUDA is compiled
   MMATTN_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer on the host C++
                            (for `make sanitize`; loading needs LD_PRELOAD of libasan)
+  MMATTN_CUDA_WERROR=1     nvcc, ptxas and host-compiler warnings of .cu files are errors (CI)
   CUDA_HOME                CUDA toolkit root (default: from nvcc on PATH)
 """
 
@@ -149,13 +150,15 @@ class MMAttnBuildExt(build_ext):
             obj_dir = Path(self.build_temp) / "cuda"
             obj_dir.mkdir(parents=True, exist_ok=True)
             includes = [f"-I{p}" for p in [*ext.include_dirs, str(cuda_home / "include")]]
+            werror = (["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+                      if os.environ.get("MMATTN_CUDA_WERROR") == "1" else [])
 
             def compile_cu(src: str) -> str:
                 obj = obj_dir / (Path(src).stem + ".o")
                 cmd = [
                     nvcc, "-c", src, "-o", str(obj), "-std=c++17", "-O3", "--use_fast_math",
                     "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                    "--threads", nvcc_threads, *common_defines, *gencode, *includes,
+                    "--threads", nvcc_threads, *common_defines, *gencode, *includes, *werror,
                 ]
                 print(" ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
@@ -206,9 +209,13 @@ def _version() -> str:
 
 
 def _sources() -> list[str]:
-    cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    return cpp + cu
+    # csrc/emu is the CPU emulator of the CUDA device layer: it builds only into the
+    # test extension mmattn._C_emu (scripts/build_cuda_emu.py), never into mmattn._C.
+    def listed(pattern: str) -> list[str]:
+        return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob(pattern)
+                      if "emu" not in p.relative_to(ROOT / "csrc").parts[:1])
+
+    return listed("*.cpp") + listed("*.cu")
 
 
 setup(

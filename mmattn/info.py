@@ -29,6 +29,18 @@ def _kernels(dispatch_key: str) -> list[str]:
     return [n for n in names if _extension.has_kernel(n, dispatch_key)]
 
 
+def _cuda_verification_lines() -> list[str]:
+    """Whether the CUDA C++ kernels have run on a GPU, and what automatic choice does."""
+    from mmattn.backends import cuda
+
+    if cuda.VERIFIED_ON_HARDWARE:
+        return ["             verified on GPU hardware: automatic choice prefers them on CUDA "
+                "tensors"]
+    return ["             not yet verified on GPU hardware (tested under the SIMT emulator "
+            "only): automatic", "             choice prefers Triton; backend=\"cuda\" "
+            "selects them"]
+
+
 def report() -> str:
     """The text printed by ``python -m mmattn.info``."""
     import mmattn
@@ -68,6 +80,7 @@ def report() -> str:
             f"  cuda       compiled with CUDA {build.get('cuda_version')} for SASS [{archs}] "
             f"PTX [{ptx}]; {state}; CUDA kernels: {', '.join(cuda_ops) or 'none'}"
         )
+        lines.extend(_cuda_verification_lines())
     else:
         lines.append("  cuda       not compiled (no nvcc at build time, or MMATTN_CUDA=0)")
 

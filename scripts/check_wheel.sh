@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Build the abi3 wheel, check its CUDA code (sm_80 and sm_90 SASS) with cuobjdump,
-# install it into a fresh venv that has torch, and check the ops register on CPU
-# and CUDA. Needs the dev venv (scripts/dev_env.sh) for the build itself.
+# Build the abi3 wheel (CUDA warnings are errors), check its CUDA code (sm_80 and
+# sm_90 SASS) with cuobjdump, print every kernel's registers, stack and shared memory
+# and fail when one spills on sm_90, install the wheel into a fresh venv that has
+# torch, and check the ops register on CPU and CUDA. Needs the dev venv
+# (scripts/dev_env.sh) for the build itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 WORK="$(pwd)/.wheelcheck"
 rm -rf "$WORK" && mkdir -p "$WORK/dist"
 
-"$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" .
+MMATTN_CUDA_WERROR=1 "$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps \
+  -w "$WORK/dist" .
 WHEEL=$(ls "$WORK"/dist/mmattn-*.whl)
 echo "built: $(basename "$WHEEL")"
 case "$(basename "$WHEEL")" in
@@ -31,7 +34,8 @@ if command -v nvcc >/dev/null 2>&1 && [ "${MMATTN_CUDA:-auto}" != "0" ]; then
     *+cu*) ;;
     *) echo "FAIL: CUDA compiled but the wheel has no +cuXX local version"; exit 1 ;;
   esac
-  CUOBJDUMP=$(command -v cuobjdump || true)
+  # cuobjdump: on PATH, else the one triton's wheel carries, else from pip.
+  CUOBJDUMP=$(command -v cuobjdump || find "$VENV" -type f -name cuobjdump | head -n 1)
   if [ -z "$CUOBJDUMP" ]; then
     "$VENV/bin/python" -m pip install -q nvidia-cuda-cuobjdump
     CUOBJDUMP=$(find "$VENV" -type f -name cuobjdump | head -n 1)
@@ -41,8 +45,12 @@ if command -v nvcc >/dev/null 2>&1 && [ "${MMATTN_CUDA:-auto}" != "0" ]; then
   for arch in sm_80 sm_90; do
     echo "$ELF" | grep -q "$arch" || { echo "FAIL: no $arch code in $SO"; exit 1; }
   done
-  "$CUOBJDUMP" --list-ptx "$SO" | grep -Eq "(sm|compute)_90\.ptx" || { echo "FAIL: no compute_90 PTX"; exit 1; }
+  # Captured first: `grep -q` would close the pipe early and, under pipefail, fail it.
+  PTX=$("$CUOBJDUMP" --list-ptx "$SO")
+  echo "$PTX" | grep -Eq "(sm|compute)_90\.ptx" || { echo "FAIL: no compute_90 PTX"; exit 1; }
   if ldd "$SO" | grep -q libcudart; then echo "FAIL: cudart is linked dynamically"; exit 1; fi
+  echo "CUDA kernels in $(basename "$SO") (cuobjdump --dump-resource-usage):"
+  "$VENV/bin/python" scripts/cuda_resources.py --cuobjdump "$CUOBJDUMP" --fail-on-spill sm_90 "$SO"
   EXPECT_CUDA=1
 else
   EXPECT_CUDA=0
@@ -60,7 +68,9 @@ ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("m
 print("ops:", ", ".join(ops))
 assert has_kernel("philox_uniform", "CPU")
 if os.environ["EXPECT_CUDA"] == "1":
-    assert has_kernel("philox_uniform", "CUDA"), "CUDA kernel not registered"
+    for op in ("philox_uniform", "cuda_attention_fwd", "cuda_attention_bwd", "cuda_ws_spmm",
+               "cuda_ws_spmm_backward"):
+        assert has_kernel(op, "CUDA"), f"CUDA kernel {op} not registered"
 q = torch.randn(1, 2, 3, 4)
 print("cross_attention from the wheel:", tuple(mmattn.cross_attention(q, q, q).shape))
 PY

@@ -298,6 +298,11 @@ def test_info_reports_backends():
     if _build_info.CUDA_COMPILED and not torch.cuda.is_available():
         assert "not runnable here: no CUDA GPU visible" in text
         assert "sm_80" in text and "sm_90" in text
+    if _build_info.CUDA_COMPILED:
+        from mmattn.backends import cuda
+
+        state = "verified on GPU hardware" if cuda.VERIFIED_ON_HARDWARE else "not yet verified"
+        assert state in text
 
 
 def test_opcheck_attention_ops():
