@@ -15,15 +15,18 @@ import torch
 from cuda_emu import SEEDS, TARGET_PARAMS, Target, emu_seed, make_target, require_emulator
 from tolerance import assert_within_rule
 
-from mmattn import reference
+from mmattn.backends import AttentionCall, block_mask_tensors, reference
 from mmattn.block_mask import BlockMask
-from mmattn.ops import block_mask_args
 from mmattn.philox import dropout_keep_mask
 
 
 @pytest.fixture(params=TARGET_PARAMS)
 def target(request) -> Target:
     return make_target(request.param, "cuda_attention_fwd")
+
+
+def block_mask_args(block_mask: BlockMask) -> tuple[list[torch.Tensor], list[int]]:
+    return block_mask_tensors(block_mask), list(block_mask.block_size)
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dv, dtype, amplitude=1.0):
@@ -51,7 +54,8 @@ def _reference(q, k, v, do, glse, mask, kpm, causal, p, scale, seed, dtype):
     m = mask
     if m is not None and m.is_floating_point():
         m = m.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    out, lse, _ = reference.attention_forward(qd, kd, vd, m, kpm, causal, p, scale, seed, False)
+    out, lse, _ = reference.attention_math(qd, kd, vd, m, kpm, causal, p, scale, seed, False)
+    out = out.to(dtype)  # the same-dtype reference rounds its output as a backend does
     loss = (out.float() * do.float()).sum() if dtype != torch.float64 else (out * do.double()).sum()
     if glse is not None:
         finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -97,7 +101,8 @@ def check_attention(target: Target, q, k, v, *, attn_mask=None, kpm=None, causal
         target.backend.attention_backward, to(do), to(q), to(k), to(v), to(out32), to(lse),
         to(attn_mask), to(kpm), causal, p, scale, seed,
         [to(t) for t in blocks] if blocks else None, block_size, grad_lse=to(glse))
-    grads = tuple(g.cpu() for g in grads)
+    assert grads[3] is None
+    grads = tuple(g.cpu() for g in grads[:3])
     for name, got, r, o, src in zip(("dq", "dk", "dv"), grads, ref[2:], oracle[2:], (q, k, v),
                                     strict=True):
         assert got.dtype == src.dtype and got.is_contiguous() and got.shape == src.shape, name
@@ -189,8 +194,9 @@ def test_dropout_mask_is_the_reference_mask_bit_for_bit(target: Target) -> None:
                                     keep_fp32_out=True)
     assert torch.equal(out.cpu()[..., :lk] != 0, keep)
     do = torch.eye(lq, 128).half().expand(b, h, lq, 128).contiguous()
-    _, _, dv = target.run(be.attention_backward, do.to(dev), q.to(dev), k.to(dev), v.to(dev),
-                          out32, lse, None, None, False, p, 0.125, seed, None, None)
+    _, _, dv, _ = target.run(be.attention_backward, do.to(dev), q.to(dev), k.to(dev),
+                             v.to(dev), out32, lse, None, None, False, p, 0.125, seed, None,
+                             None)
     assert torch.equal(dv.cpu()[..., :lq].transpose(-1, -2) != 0, keep)
 
 
@@ -261,7 +267,7 @@ def test_partial_masks_smaller_than_the_block(target: Target) -> None:
     dev, be = target.device, target.backend
     out = target.run(be.attention_forward, q.to(dev), k.to(dev), v.to(dev), None, None, False,
                      0.0, 0.125, None, False, [t.to(dev) for t in blocks], size)[0].cpu()
-    want = reference.attention_forward(q.double(), k.double(), v.double(),
+    want = reference.attention_math(q.double(), k.double(), v.double(),
                                        cropped.to_dense().expand(1, 2, 128, 128), None, False,
                                        0.0, 0.125, None, False)[0]
     assert (out.double() - want).abs().max().item() < 5e-3
@@ -289,7 +295,7 @@ def test_strided_views_read_in_place_and_copied(target: Target) -> None:
         flat_do[1:] = 1.0
         do = flat_do[1:].view_as(out)  # contiguous, start not 16-byte aligned
         return (out, *target.run(be.attention_backward, do, q.to(dev), k.to(dev), v.to(dev),
-                                 o32, lse, None, None, True, 0.0, 0.125, None, None, None))
+                                 o32, lse, None, None, True, 0.0, 0.125, None, None, None)[:3])
 
     for got, want in zip(run(q, k, v), run(q0, k0, v0), strict=True):
         assert torch.equal(got.cpu(), want.cpu())
@@ -309,7 +315,7 @@ def test_bitwise_deterministic_across_schedules() -> None:
             out, lse, _, o32 = be.attention_forward(q, k, v, None, None, True, 0.1, 0.125, 5,
                                                     False, None, None, keep_fp32_out=True)
             grads = be.attention_backward(do, q, k, v, o32, lse, None, None, True, 0.1, 0.125,
-                                          5, None, None)
+                                          5, None, None)[:3]
         results.append((out, lse, *grads))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
@@ -323,16 +329,17 @@ def test_empty_lengths(target: Target) -> None:
                                   None, False, 0.0, 0.125, None, False, None, None,
                                   keep_fp32_out=True)
     assert torch.all(out.cpu() == 0) and torch.all(torch.isinf(lse.cpu()))
-    dq, dk, dv = target.run(be.attention_backward, torch.ones_like(out), q.to(dev), k.to(dev),
-                            v.to(dev), o32, lse, None, None, False, 0.0, 0.125, None, None, None)
+    dq, dk, dv, _ = target.run(be.attention_backward, torch.ones_like(out), q.to(dev),
+                               k.to(dev), v.to(dev), o32, lse, None, None, False, 0.0, 0.125,
+                               None, None, None)
     assert torch.all(dq.cpu() == 0) and dk.shape == k.shape and dv.shape == v.shape
     q, k, v = _inputs(1, 2, 1, 0, 9, 64, 64, torch.float16)
     out, lse, _, o32 = target.run(be.attention_forward, q.to(dev), k.to(dev), v.to(dev), None,
                                   None, False, 0.0, 0.125, None, False, None, None,
                                   keep_fp32_out=True)
     assert out.shape == (1, 2, 0, 64)
-    dq, dk, dv = target.run(be.attention_backward, out, q.to(dev), k.to(dev), v.to(dev), o32,
-                            lse, None, None, False, 0.0, 0.125, None, None, None)
+    dq, dk, dv, _ = target.run(be.attention_backward, out, q.to(dev), k.to(dev), v.to(dev),
+                               o32, lse, None, None, False, 0.0, 0.125, None, None, None)
     assert torch.all(dk.cpu() == 0) and torch.all(dv.cpu() == 0)
 
 
@@ -343,9 +350,11 @@ def test_unsupported_reasons() -> None:
     be = cuda.emulated()
     q, k, v = _inputs(1, 2, 1, 8, 8, 64, 64, torch.float16)
 
-    def why(q=q, k=k, v=v, return_weights=False, block_size=None):
-        return be.attention_unsupported(q, k, v, None, None, False, 0.0, return_weights,
-                                        block_size)
+    def call(q=q, k=k, v=v, return_weights=False, block_size=None):
+        return AttentionCall(q, k, v, None, None, False, 0.0, return_weights, block_size, False)
+
+    def why(*args, **kwargs):
+        return be.attention_unsupported(call(*args, **kwargs))
 
     assert why() is None
     assert "float16/bfloat16" in why(q.float(), k.float(), v.float())
@@ -355,8 +364,7 @@ def test_unsupported_reasons() -> None:
     assert "multiples of 64" in why(block_size=[32, 64])
     assert why(block_size=[128, 64]) is None
     # The real backend wants CUDA tensors.
-    assert "cuda tensors" in cuda.attention_unsupported(q, k, v, None, None, False, 0.0, False,
-                                                         None)
+    assert "cuda tensors" in cuda.attention_unsupported(call())
 
 
 def test_bad_inputs_raise_before_any_kernel() -> None:

@@ -35,6 +35,10 @@ import torch
 from torch import Tensor
 
 from mmattn import _extension
+from mmattn.backends import AttentionCall
+
+NAME = "cuda"
+BACKWARD_EXTRAS = frozenset({"grad_lse"})
 
 #: Flip to True in the commit that records the GPU test pass (benchmarks/results/,
 #: GPU named) where these kernels are faster; dispatch then prefers them over Triton.
@@ -100,12 +104,10 @@ class CudaBackend:
 
     # ---- attention -----------------------------------------------------------------------
 
-    def attention_unsupported(
-        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-        key_padding_mask: Tensor | None, is_causal: bool, dropout_p: float,
-        return_weights: bool, block_size: list[int] | tuple[int, int] | None,
-    ) -> str | None:
+    def attention_unsupported(self, call: AttentionCall) -> str | None:
         """Why these kernels cannot run this attention call, or None when they can."""
+        q, v, attn_mask = call.q, call.v, call.attn_mask
+        return_weights, block_size = call.return_weights, call.block_size
         if q.device.type != self.device_type:
             return f"the cuda backend needs {self.device_type} tensors, got {q.device.type}"
         reason = self._build_reason("cuda_attention_fwd")
@@ -156,15 +158,19 @@ class CudaBackend:
         attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
         dropout_p: float, scale: float, dropout_seed: int | None,
         block_mask: list[Tensor] | None, block_size: list[int] | None,
-        grad_lse: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(dq, dk, dv)``, contiguous, in the input dtype; dk/dv summed over each GQA
-        group. ``out`` may be the float32 output; ``grad_lse`` (B, Hq, Lq) enters as
-        ``delta = rowsum(dO * O) - grad_lse``. Bitwise deterministic (no atomics)."""
-        return self.ops.cuda_attention_bwd(
+        grad_lse: Tensor | None = None, grad_weights: Tensor | None = None,
+        mask_needs_grad: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
+        """``(dq, dk, dv, None)``, contiguous, in the input dtype; dk/dv summed over each
+        GQA group. ``out`` may be the float32 output; ``grad_lse`` (B, Hq, Lq) enters as
+        ``delta = rowsum(dO * O) - grad_lse``. Bitwise deterministic (no atomics).
+        ``grad_weights`` / ``mask_needs_grad`` are never asked of this backend
+        (:data:`BACKWARD_EXTRAS`)."""
+        dq, dk, dv = self.ops.cuda_attention_bwd(
             grad_out, q, k, v, out, lse, grad_lse, attn_mask, key_padding_mask,
             bool(is_causal), float(dropout_p), float(scale), _seed_int(dropout_seed),
             *_block_args(block_mask, block_size))
+        return dq, dk, dv, None
 
     # ---- ws_linear -------------------------------------------------------------------------
 
@@ -179,21 +185,29 @@ class CudaBackend:
             return f"the CUDA ws_linear kernels take float32/float16/bfloat16, got {x.dtype}"
         return None
 
-    def ws_linear_forward(self, x2d: Tensor, values: Tensor, crow: Tensor, col: Tensor,
-                          out_features: int, block_size: int, bias: Tensor | None) -> Tensor:
-        """``y = x2d @ W^T + bias``: x2d (N, in_features), W in CSR / block-CSR."""
-        return self.ops.cuda_ws_spmm(x2d, values, crow, col, int(out_features),
-                                     int(block_size), bias)
+    def ws_linear_forward(
+        self, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, row_indices: Tensor,
+        ccol: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, out_features: int,
+        block_size: int, bias: Tensor | None,
+    ) -> Tensor:
+        """``y = x @ W^T + bias``: x (..., in_features), W in CSR / block-CSR."""
+        y = self.ops.cuda_ws_spmm(x.reshape(-1, x.shape[-1]), values, crow, col,
+                                  int(out_features), int(block_size), bias)
+        return y.view(*x.shape[:-1], out_features)
 
     def ws_linear_backward(
-        self, grad_y: Tensor, x2d: Tensor, values: Tensor, crow: Tensor, col: Tensor,
-        ccol: Tensor, row_indices_t: Tensor, transpose_perm: Tensor, block_size: int,
-        has_bias: bool, need_dx: bool, need_d_values: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(dx, d_values, d_bias)``; a gradient not asked for is an empty tensor."""
-        return self.ops.cuda_ws_spmm_backward(
-            grad_y, x2d, values, crow, col, ccol, row_indices_t, transpose_perm,
-            int(block_size), bool(has_bias), bool(need_dx), bool(need_d_values))
+        self, grad_y: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor,
+        row_indices: Tensor, ccol: Tensor, row_indices_t: Tensor, transpose_perm: Tensor,
+        out_features: int, block_size: int, has_bias: bool, need_dx: bool = True,
+        need_d_values: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, d_values, d_bias)``; a gradient not asked for is None."""
+        dx, d_values, d_bias = self.ops.cuda_ws_spmm_backward(
+            grad_y.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), values, crow, col,
+            ccol, row_indices_t, transpose_perm, int(block_size), bool(has_bias),
+            bool(need_dx), bool(need_d_values))
+        return (dx.view(x.shape) if need_dx else None, d_values if need_d_values else None,
+                d_bias if has_bias else None)
 
 
 def _register_fakes(namespace: str) -> None:
