@@ -286,6 +286,66 @@ def attend_scripted(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     return out, None
 
 
+def merge_attention(outs: list[Tensor] | tuple[Tensor, ...],
+                    lses: list[Tensor] | tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Combine attention computed over disjoint key shards into attention over all keys.
+
+    If ``(outs[i], lses[i]) = cross_attention(q, k_i, v_i, ..., return_lse=True)`` for
+    key/value shards ``k_i, v_i`` that partition the keys (each shard with its part of
+    the masks), the result equals ``cross_attention(q, k, v, ..., return_lse=True)``
+    over all keys: ``lse = log(sum_i exp(lses[i]))`` and ``out = sum_i exp(lses[i] - lse)
+    * outs[i]``. The building block of ring / context-parallel attention
+    (:mod:`mmattn.distributed`) and of split-KV decoding.
+
+    Args:
+        outs: partial outputs ``(..., Lq, Dv)`` (e.g. ``(B, H, Lq, Dv)``), one dtype.
+        lses: their log-sum-exps ``(..., Lq)``, float32 (float64 for float64 outputs);
+            ``+inf`` marks a row that saw no key in that shard (mmattn's convention),
+            which then contributes nothing.
+
+    Returns:
+        ``(out, lse)``: ``out`` in the dtype of ``outs`` (combined in float32, float64
+        for float64), ``lse`` in the dtype of ``lses``; a row that saw no key in any
+        shard gives out 0 and lse +inf. Gradients flow into every ``outs[i]`` and
+        ``lses[i]``, so training through a merge works. Dropout does not split (its
+        Philox counters number the keys of each call), so shards must run without it.
+    """
+    if not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple)):
+        raise TypeError("outs and lses must be lists (or tuples) of tensors")
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of one length, got "
+                         f"{len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
+        if not isinstance(out, Tensor) or not isinstance(lse, Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
+        if out.dim() < 2 or tuple(lse.shape) != tuple(out.shape[:-1]):
+            raise ValueError(f"lses[{i}] must have the shape of outs[{i}] without its last "
+                             f"dimension, got {_shape(lse)} and {_shape(out)}")
+        if tuple(out.shape) != tuple(outs[0].shape) or out.dtype != outs[0].dtype:
+            raise ValueError(f"outs[{i}] has shape {_shape(out)} and dtype {out.dtype}, "
+                             f"outs[0] {_shape(outs[0])} and {outs[0].dtype}")
+        if lse.dtype not in (torch.float32, torch.float64) or lse.dtype != lses[0].dtype:
+            raise TypeError(f"lses must all be float32 or all float64, got {lse.dtype}")
+        if out.device != outs[0].device or lse.device != outs[0].device:
+            raise ValueError("outs and lses must be on one device")
+    dtype = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    stacked = torch.stack(list(lses)).to(dtype)
+    # +inf (no visible key) means an empty sum: log 0 = -inf for the arithmetic.
+    lse = torch.where(stacked == math.inf, -math.inf, stacked)
+    # The result does not depend on the shift: detached, it needs no gradient.
+    top = lse.detach().amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    scaled = torch.exp(lse - top)  # 0 for empty shards
+    total = scaled.sum(dim=0)
+    seen = total > 0
+    # where() twice: the unused branch must not produce inf / NaN gradients
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    weights = scaled / safe_total
+    out = (weights.unsqueeze(-1) * torch.stack(list(outs)).to(dtype)).sum(dim=0)
+    merged_lse = torch.where(seen, top + torch.log(safe_total), math.inf)
+    return out.to(outs[0].dtype), merged_lse.to(lses[0].dtype)
+
+
 def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
                       key_padding_mask: Tensor | None = None, block_mask: Any = None,
                       is_causal: bool = False, dropout_p: float = 0.0,
