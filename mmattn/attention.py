@@ -224,10 +224,10 @@ def _run(call: AttentionCall, block_tensors: list[Tensor] | None, block_size: li
     :func:`attend`."""
     seed_tensor = _seed_tensor(dropout_seed) if call.dropout_p > 0.0 else None
     name = dispatch.resolve_attention(call, backend)
-    return ops.attention(call.q, call.k, call.v, call.attn_mask, call.key_padding_mask,
-                         call.is_causal, call.dropout_p, scale, seed_tensor, call.return_weights,
-                         name, block_tensors, block_size, return_lse=return_lse,
-                         grad_wanted=call.needs_grad)
+    q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, return_weights, _, grad = call
+    return ops.attention(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                         seed_tensor, return_weights, name, block_tensors, block_size,
+                         return_lse, grad)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
@@ -252,9 +252,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     if block_mask is not None:
         attn_mask = _fold_dense_block_mask(block_mask, attn_mask, (b, hq, lq, lk), q.device)
         block_tensors, block_size = _block_mask_args(block_mask, b, hq, lq, lk, q.device)
+    grad = torch.is_grad_enabled() and (  # ops.needs_grad, spelled out: a generator costs
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad))
     call = AttentionCall(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
                          return_weights, None if block_size is None else tuple(block_size),
-                         ops.needs_grad(q, k, v, attn_mask))
+                         grad)
     out, _, weights = _run(call, block_tensors, block_size, scale, None, None, False)
     return out, weights
 

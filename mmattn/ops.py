@@ -182,7 +182,6 @@ def _attention_setup_context(ctx, inputs, output):
                                     dropout_p, _return_weights, block_tensors_and_size)
     ctx.block_size = block_tensors_and_size[7] if len(block_tensors_and_size) > 7 else None
     ctx.num_inputs = len(inputs)
-    ctx.out_shape = out.shape
     ctx.mask_needs_grad = _mask_needs_grad(attn_mask)
     # An unused output must arrive as None, not as zeros: a zero gradient for the
     # weights or the lse would send the backward to the reference for nothing.
@@ -193,27 +192,29 @@ def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
     return attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
 
 
-def _attention_grads(run_backward, saved: tuple, ctx, grad_out, grad_lse, grad_weights):
+def _attention_grads(run_backward, saved: tuple, settings: tuple, grad_out, grad_lse,
+                     grad_weights):
     """``(dq, dk, dv, d_mask)`` of ``attention_forward``, computed by ``run_backward``, or
     by the differentiable reference backward when a graph of the gradients is wanted.
 
     ``saved``: ``(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
-    *block_tensors)``; ``ctx`` carries is_causal, dropout_p, scale, backend, block_size,
-    out_shape and mask_needs_grad. One body for both autograd paths.
+    *block_tensors)``; ``settings``: ``(is_causal, dropout_p, scale, backend, block_size,
+    mask_needs_grad)``. One body for both autograd paths.
     """
     (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, *block_tensors) = saved
+    is_causal, dropout_p, scale, backend, block_size, mask_needs_grad = settings
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
     if grad_out is None:
-        grad_out = q.new_zeros(ctx.out_shape)
+        grad_out = q.new_zeros(out.shape)
     if torch.is_grad_enabled():  # create_graph=True: double backward must be exact
         run_backward = _attention_backward_differentiable
     dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, grad_lse, q, k, v, out, lse, attn_mask,
-        key_padding_mask, ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed,
-        ctx.mask_needs_grad, ctx.backend, *block_tensors, ctx.block_size,
+        key_padding_mask, is_causal, dropout_p, scale, dropout_seed, mask_needs_grad, backend,
+        *block_tensors, block_size,
     )
-    return dq, dk, dv, d_mask if ctx.mask_needs_grad else None
+    return dq, dk, dv, d_mask if mask_needs_grad else None
 
 
 def _attention_backward_differentiable(grad_out, grad_weights, grad_lse, q, k, v, out, lse,
@@ -227,8 +228,10 @@ def _attention_backward_differentiable(grad_out, grad_weights, grad_lse, q, k, v
 
 
 def _attention_backward(ctx, grad_out, grad_lse, grad_weights, _grad_out_fp32):
-    grads = _attention_grads(attention_backward, ctx.saved_tensors, ctx, grad_out, grad_lse,
-                             grad_weights)
+    settings = (ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend, ctx.block_size,
+                ctx.mask_needs_grad)
+    grads = _attention_grads(attention_backward, ctx.saved_tensors, settings, grad_out,
+                             grad_lse, grad_weights)
     return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
@@ -240,12 +243,13 @@ torch.library.register_autograd(
 class _EagerAttention(torch.autograd.Function):
     """Eager twin of the registered autograd: same backward body, no op dispatch.
 
-    Built for seed-sized calls, where ``Function.apply``'s own cost is most of the
-    time: ``forward(ctx, ...)`` rather than a separate ``setup_context`` (with which
+    Built for seed-sized calls, where ``Function.apply``'s own cost is a large share of
+    the time: ``forward(ctx, ...)`` rather than a separate ``setup_context`` (with which
     ``apply`` binds its arguments through ``inspect.signature`` on every call), five
     arguments (``apply`` visits each one; everything that never needs a gradient
-    travels in ``spec``, see :func:`attention`), and only the outputs the caller asked
-    for (each output costs ``apply`` a wrapper): ``(out, [weights], [lse])``.
+    travels in ``spec``, see :func:`attention`), one attribute on ``ctx``, and only the
+    outputs the caller asked for (each output costs a wrapper): ``(out, [weights],
+    [lse])``.
     """
 
     @staticmethod
@@ -256,14 +260,9 @@ class _EagerAttention(torch.autograd.Function):
             q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
             return_weights, keep_fp32_out, backend, *block_tensors, block_size)
         # The float32 output, when kept, gives the backward an exact rowsum(dO * O).
+        # Tensors that never need gradients travel in spec, off save_for_backward.
         ctx.save_for_backward(q, k, v, out_fp32 if out_fp32.numel() else out, lse, attn_mask)
-        # Tensors that never need gradients stay off save_for_backward (cheaper).
         ctx.spec = spec
-        ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend = (is_causal, dropout_p, scale,
-                                                                backend)
-        ctx.block_size = block_size
-        ctx.out_shape = out.shape
-        ctx.mask_needs_grad = _mask_needs_grad(attn_mask)
         ctx.set_materialize_grads(False)
         if return_weights:
             return (out, weights, lse) if return_lse else (out, weights)
@@ -271,15 +270,23 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *more):
-        spec = ctx.spec
-        return_weights, return_lse = spec[5], spec[6]
+        (key_padding_mask, is_causal, dropout_p, scale, dropout_seed, return_weights,
+         return_lse, _keep, backend, block_tensors, block_size) = ctx.spec
         grad_weights = more[0] if return_weights else None
         grad_lse = more[-1] if return_lse else None
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        saved = (q, k, v, out, lse, attn_mask, spec[0], spec[4], *spec[9])
-        dq, dk, dv, d_mask = _attention_grads(_attention_backward_impl, saved, ctx, grad_out,
-                                              grad_lse, grad_weights)
+        saved = (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, *block_tensors)
+        # a float attn_mask that requires grad is the only mask with a gradient
+        settings = (is_causal, dropout_p, scale, backend, block_size, ctx.needs_input_grad[3])
+        dq, dk, dv, d_mask = _attention_grads(_attention_backward_impl, saved, settings,
+                                              grad_out, grad_lse, grad_weights)
         return dq, dk, dv, d_mask, None
+
+
+# Function.apply's Python wrapper exists for functorch transforms (vmap, grad, ...),
+# which _EagerAttention does not support (no setup_context: they would raise there);
+# outside them the C implementation below is what it calls, ~3 us sooner.
+_eager_attention_apply = super(torch.autograd.Function, _EagerAttention).apply
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
@@ -316,7 +323,9 @@ def attention(
     elif grad_wanted:
         spec = (key_padding_mask, is_causal, dropout_p, scale, dropout_seed, return_weights,
                 return_lse, keep_fp32_out, backend, block_tensors, block_size)
-        result = _EagerAttention.apply(q, k, v, attn_mask, spec)
+        apply = (_EagerAttention.apply if torch._C._are_functorch_transforms_active()
+                 else _eager_attention_apply)
+        result = apply(q, k, v, attn_mask, spec)
         out = result[0]
         weights = result[1] if return_weights else None
         lse = result[-1] if return_lse else None
