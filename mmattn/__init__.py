@@ -12,6 +12,8 @@ Public API:
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
     nn                                 drop-in modules (MultiheadAttention, WSLinear, ...)
     convert(model), revert(model)      swap a model's attention modules for mmattn's and back
+    mmattn.distributed                 context-parallel attention over torch.distributed
+                                       (import it explicitly)
 """
 
 from __future__ import annotations

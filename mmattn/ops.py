@@ -6,9 +6,10 @@ choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> entry point here
 (:func:`attention`, :func:`ws_linear_apply`) -> the backend module's function
 (:mod:`mmattn.backends`). The chosen backend travels as a string argument.
 
-Two routes lead to the same kernels. Under ``torch.compile`` (and for
-``torch.library.opcheck``, export) the custom ops ``mmattn::*`` are called: opaque
-to the tracer, with fake kernels and registered autograd. In eager mode the entry
+Two routes lead to the same kernels. Under ``torch.compile``, ``torch.export`` and
+``torch.jit.trace`` (and for ``torch.library.opcheck``) the custom ops ``mmattn::*`` are
+called: opaque to the tracer, with fake kernels and registered autograd. TorchScript
+calls them too, with backend :data:`AUTO` (see :mod:`mmattn.nn`). In eager mode the entry
 points call the backend through a plain ``torch.autograd.Function``, or directly
 when no gradient is needed, because the custom-op dispatch adds tens of
 microseconds per call, more than a whole layer takes at the seeds' sizes.
@@ -87,7 +88,7 @@ def attention_forward(
     block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused attention forward; returns ``(out, lse, weights, out_fp32)`` (see
-    :mod:`mmattn.backends`).
+    :mod:`mmattn.backends`). ``backend``: a backend name, or :data:`AUTO`.
 
     The block-mask arguments are a BlockMask laid out by
     :func:`mmattn.backends.block_mask_tensors` (all given or all None), combined with the
@@ -348,7 +349,7 @@ def ws_linear(
     """``y = x @ W^T + bias`` for W stored as a compressed layout (see SparseLayout).
 
     The transposed index arrays are arguments so kernel backends can run dX as a
-    transposed SpMM without building them per call.
+    transposed SpMM without building them per call. ``backend``: a name or :data:`AUTO`.
     """
     if backend == AUTO:
         backend = dispatch.resolve_ws_linear(x, None)
