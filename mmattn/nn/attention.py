@@ -233,7 +233,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         if not torch.jit.is_scripting():
             if (attn_mask is None and key_padding_mask is None and block_mask is None
-                    and batched and query is key and key is value
+                    and not is_causal and batched and query is key and key is value
                     and self._native_inference(query)):
                 return torch._native_multi_head_attention(
                     query, query, query, embed_dim, num_heads, self.in_proj_weight,
@@ -316,6 +316,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Whether a self-attention call without masks takes PyTorch's fused inference
         kernel (see :data:`NATIVE_INFERENCE_MAX_WORK`): PyTorch's own fast-path
         conditions, and a size at most that. Eager mode only."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False  # traced graphs hold mmattn's custom op
         if self.training or not self.batch_first or not self._qkv_same_embed_dim or \
                 self.bias_k is not None or self.add_zero_attn or self.num_heads % 2:
             return False
@@ -329,7 +331,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return False
         return (torch.backends.mha.get_fastpath_enabled() and not torch.is_autocast_enabled()
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and not query.is_nested and query.device.type in ("cpu", "cuda")
                 and not torch.overrides.has_torch_function(tensors))
 
