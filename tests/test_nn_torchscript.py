@@ -19,7 +19,12 @@ from torch import nn
 import mmattn
 from mmattn.nn import CrossModalAttention, MultiheadAttention, WSLinear, WSMultiModalFusion
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+pytestmark = [  # PyTorch's own notices about the APIs under test
+    pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]+` is deprecated"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+    pytest.mark.filterwarnings("ignore:'norm' was found in ScriptModule constants"),
+]
 
 E, H, N, L, S = 8, 2, 3, 4, 5
 
