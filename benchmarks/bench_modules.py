@@ -15,7 +15,14 @@ Cases (float32; modules in training mode with dropout 0 unless noted):
   forward+backward, eval mode (dropout off: the reference backend draws dropout masks
   with PyTorch integer ops, far slower than a kernel); anchor the seed's module;
 * seed 004's ``SparseAttention``, (B*H)=16 L2048 D64, block 64, keep ~0.2, same random
-  blocks (same ``torch.manual_seed``); anchor the seed's module (full run only).
+  blocks (same ``torch.manual_seed``); anchor the seed's module (full run only);
+* the attention part alone, the op the modules call (``mmattn.attention.attend``, the
+  pre-validated entry), at the tiny MHA shape (train-mode forward with weights,
+  forward+backward, inference) and seed 000's VQA shape; anchor what the replaced
+  module computes there: ``bmm, softmax, bmm`` with the weights (target >= 1.5x);
+* decoding: ``MultiheadAttention`` cross-attention of one new query token over
+  Lk=4096 memory tokens, B = H = 1, 2, 4, E = 64 H, inference ``need_weights=False``
+  (as ``nn.TransformerDecoderLayer`` calls it).
 
 Run: ``python benchmarks/bench_modules.py [--quick]`` (or ``python -m mmattn.bench --only
 modules``); a full run writes ``benchmarks/results/modules_cpu.{csv,md}``.
@@ -44,16 +51,16 @@ import seed_models
 @contextlib.contextmanager
 def _attention_op_is_sdpa() -> Iterator[None]:
     """Swap the op the modules call for SDPA, to time the module code alone."""
-    real = mmattn_attention.cross_attention
+    real = mmattn_attention.attend
 
-    def sdpa(q, k, v, *, return_weights=False, **_kwargs):
-        return F.scaled_dot_product_attention(q, k, v)
+    def sdpa(q, k, v, *_args, **_kwargs):
+        return F.scaled_dot_product_attention(q, k, v), None
 
-    mmattn_attention.cross_attention = sdpa
+    mmattn_attention.attend = sdpa
     try:
         yield
     finally:
-        mmattn_attention.cross_attention = real
+        mmattn_attention.attend = real
 
 
 def _pair(*args, **kwargs) -> tuple[nn.MultiheadAttention, mmattn.nn.MultiheadAttention]:
@@ -139,10 +146,86 @@ def seed_sparse(table: Table, repeats: int) -> None:
               anchor, mine, ">= 1.0x")
 
 
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention nn.MultiheadAttention (need_weights=True) and seed 000 compute:
+    scores, softmax, weights @ v."""
+    weights = torch.softmax(torch.matmul(q * scale, k.transpose(-2, -1)), dim=-1)
+    return torch.matmul(weights, v), weights
+
+
+def _attention_part(table: Table, case: str, shape: tuple[int, ...], repeats: int) -> None:
+    b, h, lq, lk, d = shape
+    # heads as strided views of (B, L, E) projections, as the modules produce them
+    q = torch.randn(b, lq, h, d).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, lk, h, d).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, lk, h, d).transpose(1, 2).requires_grad_()
+    scale = d ** -0.5
+
+    def ours() -> tuple[torch.Tensor, torch.Tensor]:
+        return mmattn_attention.attend(q, k, v, None, None, False, 0.0, scale, True)
+
+    def theirs() -> tuple[torch.Tensor, torch.Tensor]:
+        return _math_attention(q, k, v, scale)
+
+    def step(fn) -> None:
+        out, _weights = fn()
+        out.sum().backward()
+
+    torch.testing.assert_close(ours()[0], theirs()[0], rtol=1e-4, atol=1e-5)
+    anchor = "bmm, softmax, bmm (need_weights math)"
+    table.add(f"{case} fwd with weights", anchor, time_ms(theirs, repeats=repeats, warmup=3),
+              time_ms(ours, repeats=repeats, warmup=3), ">= 1.5x",
+              "mmattn.attention.attend: the modules' entry")
+    table.add(f"{case} fwd+bwd", anchor, time_ms(lambda: step(theirs), repeats=repeats,
+                                                 warmup=3),
+              time_ms(lambda: step(ours), repeats=repeats, warmup=3), ">= 1.5x")
+    with torch.no_grad():
+        table.add(f"{case} inference (no grad)", anchor,
+                  time_ms(theirs, repeats=repeats, warmup=3),
+                  time_ms(ours, repeats=repeats, warmup=3), ">= 1.5x")
+
+
+def attention_parts(table: Table, repeats: int, quick: bool) -> None:
+    """The attention alone: mmattn's module entry against the math it replaces."""
+    _attention_part(table, "MHA E64 H4 B2 L8 attention part", (2, 4, 8, 8, 16), repeats)
+    if not quick:
+        _attention_part(table, "seed 000 VQA B8 H12 Lq64 Lk197 attention part",
+                        (8, 12, 64, 197, 64), max(3, repeats // 20))
+
+
+def _decode_row(table: Table, heads: int, repeats: int) -> None:
+    batch, embed = heads, 64 * heads
+    theirs, ours = _pair(embed, heads, batch_first=True)
+    theirs.eval()
+    ours.eval()
+    query, memory = torch.randn(batch, 1, embed), torch.randn(batch, 4096, embed)
+
+    def call(module: nn.Module) -> torch.Tensor:
+        return module(query, memory, memory, need_weights=False)[0]
+
+    with torch.no_grad():
+        torch.testing.assert_close(call(ours), call(theirs), rtol=1e-4, atol=1e-5)
+        anchor = time_ms(lambda: call(theirs), repeats=repeats, warmup=3)
+        mine = time_ms(lambda: call(ours), repeats=repeats, warmup=3)
+    table.add(f"MHA decode Lq1 Lk4096 B{batch} H{heads} E{embed} inference",
+              "nn.MultiheadAttention", anchor, mine, ">= 1.0x",
+              "need_weights=False; the memory projection dominates")
+
+
+def decoding(table: Table, repeats: int, quick: bool) -> None:
+    """One new query token cross-attending Lk=4096 memory tokens (captioning / VQA
+    decoders), inference, as nn.TransformerDecoderLayer calls it (need_weights=False)."""
+    for heads in ((1, 4) if quick else (1, 2, 4)):
+        _decode_row(table, heads, repeats)
+
+
 def main(quick: bool = False) -> Table:
     table = Table("mmattn.nn modules vs the modules they replace (CPU, float32)")
     tiny_mha(table, repeats=50 if quick else 200)
     seed_cross_modal(table, repeats=3 if quick else 10)
+    attention_parts(table, repeats=50 if quick else 200, quick=quick)
+    decoding(table, repeats=5 if quick else 20, quick=quick)
     if not quick:
         anchor_mha(table, repeats=5)
         seed_sparse(table, repeats=3)

@@ -3,6 +3,7 @@ sparse fusion for PyTorch.
 
 Public API:
     cross_attention(q, k, v, ...)      fused multi-head attention (mmattn.attention)
+    merge_attention(outs, lses)        combine attention over key shards via their lse
     ws_linear(x, weight, layout, bias) sparse linear over a compressed layout (mmattn.ws)
     SparseLayout                       compressed weight sparsity pattern (mmattn.layout)
     BlockMask                          block-sparse attention mask (mmattn.block_mask)
@@ -11,6 +12,8 @@ Public API:
     use_backend(name)                  context manager forcing a backend (mmattn.dispatch)
     nn                                 drop-in modules (MultiheadAttention, WSLinear, ...)
     convert(model), revert(model)      swap a model's attention modules for mmattn's and back
+    mmattn.distributed                 context-parallel attention over torch.distributed
+                                       (import it explicitly)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def _map_kernels_package() -> None:
 _map_kernels_package()
 
 from mmattn import _extension, nn  # noqa: E402, F401  (_extension loads mmattn._C, warns once)
-from mmattn.attention import cross_attention  # noqa: E402
+from mmattn.attention import cross_attention, merge_attention  # noqa: E402
 from mmattn.block_mask import BlockMask  # noqa: E402
 from mmattn.convert import convert, revert  # noqa: E402
 from mmattn.dispatch import BackendUnavailableError, use_backend  # noqa: E402
@@ -64,6 +67,7 @@ __all__ = [
     "__version__",
     "convert",
     "cross_attention",
+    "merge_attention",
     "nn",
     "revert",
     "use_backend",

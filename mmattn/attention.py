@@ -82,6 +82,19 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError("head_dim of q and k must be at least 1")
 
 
+def broadcasts_to(shape: list[int], target: list[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (no more dimensions, each 1
+    or equal). Plain Python: ``torch.broadcast_shapes`` costs ~20 us a call, more than a
+    seed-sized attention; TorchScript-compatible, for :mod:`mmattn.nn`."""
+    offset = len(target) - len(shape)
+    if offset < 0:
+        return False
+    for i in range(len(shape)):
+        if shape[i] != 1 and shape[i] != target[offset + i]:
+            return False
+    return True
+
+
 def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> Tensor | None:
     if attn_mask is None:
         return None
@@ -94,11 +107,7 @@ def _normalise_attn_mask(attn_mask: Any, target: tuple[int, ...], q: Tensor) -> 
                         f"to the scores), got {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
-    try:
-        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
-    except RuntimeError:
-        broadcast = None
-    if attn_mask.dim() > 4 or broadcast != target:
+    if not broadcasts_to(attn_mask.shape, target):
         raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
                          f"(B, Hq, Lq, Lk) = {target}")
     if (attn_mask.requires_grad and attn_mask.dtype in _HALF_DTYPES
@@ -218,12 +227,6 @@ def _prepare_call(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any, key_padding_m
     return call, block_tensors, block_size, scale
 
 
-def _resolve(call: AttentionCall, backend: str | None) -> str:
-    return dispatch.resolve_backend(
-        "cross_attention", call.q.device, backend,
-        lambda candidate: backends.get(candidate).attention_unsupported(call))
-
-
 def _seed_tensor(dropout_seed: Any, dropout: bool) -> Tensor | None:
     """The Philox key of a call with dropout, as a 0-d int64 CPU tensor (None without
     dropout). ``dropout_seed`` is checked either way: an int (Python or NumPy) or an
@@ -301,17 +304,146 @@ def cross_attention(
         return_weights)
     if return_lse is not False and return_lse is not True:
         return_lse = _check_flag("return_lse", return_lse)
-    seed_tensor = (None if dropout_seed is None and call.dropout_p == 0.0
-                   else _seed_tensor(dropout_seed, call.dropout_p > 0.0))
-    name = _resolve(call, backend)
-    out, lse, weights = ops.attention(
-        q, k, v, call.attn_mask, key_padding_mask, call.is_causal, call.dropout_p, scale,
-        seed_tensor, call.return_weights, name, block_tensors, block_size,
-    )
+    out, lse, weights = _run(call, block_tensors, block_size, scale, backend, dropout_seed,
+                             return_lse)
     if not (call.return_weights or return_lse):
         return out
     return (out, *((weights,) if call.return_weights else ()),
             *((lse,) if return_lse else ()))
+
+
+def _run(call: AttentionCall, block_tensors: list[Tensor] | None, block_size: list[int] | None,
+         scale: float, backend: str | None, dropout_seed: Any,
+         return_lse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Backend choice and the op, for a validated call: ``(out, lse, weights)``, lse and
+    weights None unless asked for. The one body of :func:`cross_attention` and
+    :func:`attend`."""
+    seed_tensor = (None if dropout_seed is None and call.dropout_p == 0.0
+                   else _seed_tensor(dropout_seed, call.dropout_p > 0.0))
+    name = dispatch.resolve_attention(call, backend)
+    q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, return_weights, _, grad = call
+    return ops.attention(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                         seed_tensor, return_weights, name, block_tensors, block_size,
+                         return_lse, grad)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+           key_padding_mask: Tensor | None, is_causal: bool, dropout_p: float, scale: float,
+           return_weights: bool, block_mask: Any = None) -> tuple[Tensor, Tensor | None]:
+    """:func:`cross_attention` for callers that built and checked their arguments: the
+    entry of :mod:`mmattn.nn`'s modules, which check their inputs once in their own
+    terms (``embed_dim``, mask shapes) and derive q, k, v from their own weights.
+
+    Trusted, not re-checked: q, k, v 4-D, one float dtype and device, ``Hq % Hkv == 0``,
+    matching lengths and head dims; ``attn_mask`` None or bool (True = may attend) /
+    float, broadcastable to ``(B, Hq, Lq, Lk)``; ``key_padding_mask`` None or bool
+    ``(B, Lk)``; ``dropout_p`` in [0, 1]; ``scale`` a float. ``block_mask`` comes from
+    the module's caller and is checked as :func:`cross_attention` does.
+    Returns ``(out, weights)``, weights None unless ``return_weights``.
+    """
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(b, hq, lq, lk)
+    block_tensors = block_size = None
+    if block_mask is not None:
+        attn_mask = _fold_dense_block_mask(block_mask, attn_mask, (b, hq, lq, lk), q.device)
+        block_tensors, block_size = _block_mask_args(block_mask, b, hq, lq, lk, q.device)
+    grad = torch.is_grad_enabled() and (  # ops.needs_grad, spelled out: a generator costs
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad))
+    call = AttentionCall(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
+                         return_weights, None if block_size is None else tuple(block_size),
+                         grad)
+    out, _, weights = _run(call, block_tensors, block_size, scale, None, None, False)
+    return out, weights
+
+
+def attend_scripted(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                    key_padding_mask: Tensor | None, is_causal: bool, dropout_p: float,
+                    scale: float, return_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`attend` for TorchScript, which cannot run mmattn's Python dispatch: calls the
+    custom op ``mmattn::attention_forward`` with backend ``"auto"``, so the op picks the
+    backend per call as :func:`cross_attention` would (including :func:`use_backend`
+    contexts) and its registered autograd gives the gradients. Same arguments, result
+    and dropout draws (one ``torch.randint`` per call with dropout) as :func:`attend`."""
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    seed: Tensor | None = None
+    if dropout_p > 0.0:
+        # the draw of _seed_tensor(None): 0 <= seed < _MAX_SEED = 2**63 - 1
+        seed = torch.randint(0, 9223372036854775807, torch.jit.annotate(list[int], []),
+                             dtype=torch.int64)
+    grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad))
+    keep_fp32_out = grad and (q.dtype == torch.float16 or q.dtype == torch.bfloat16)
+    out, _lse, weights, _out_fp32 = torch.ops.mmattn.attention_forward(
+        q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, seed,
+        return_weights, keep_fp32_out, "auto")
+    if return_weights:
+        return out, weights
+    return out, None
+
+
+def merge_attention(outs: list[Tensor] | tuple[Tensor, ...],
+                    lses: list[Tensor] | tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Combine attention computed over disjoint key shards into attention over all keys.
+
+    If ``(outs[i], lses[i]) = cross_attention(q, k_i, v_i, ..., return_lse=True)`` for
+    key/value shards ``k_i, v_i`` that partition the keys (each shard with its part of
+    the masks), the result equals ``cross_attention(q, k, v, ..., return_lse=True)``
+    over all keys: ``lse = log(sum_i exp(lses[i]))`` and ``out = sum_i exp(lses[i] - lse)
+    * outs[i]``. The building block of ring / context-parallel attention
+    (:mod:`mmattn.distributed`) and of split-KV decoding.
+
+    Args:
+        outs: partial outputs ``(..., Lq, Dv)`` (e.g. ``(B, H, Lq, Dv)``), one dtype.
+        lses: their log-sum-exps ``(..., Lq)``, float32 (float64 for float64 outputs);
+            ``+inf`` marks a row that saw no key in that shard (mmattn's convention),
+            which then contributes nothing.
+
+    Returns:
+        ``(out, lse)``: ``out`` in the dtype of ``outs`` (combined in float32, float64
+        for float64), ``lse`` in the dtype of ``lses``; a row that saw no key in any
+        shard gives out 0 and lse +inf. Gradients flow into every ``outs[i]`` and
+        ``lses[i]``, so training through a merge works. Dropout does not split (its
+        Philox counters number the keys of each call), so shards must run without it.
+    """
+    if not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple)):
+        raise TypeError("outs and lses must be lists (or tuples) of tensors")
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of one length, got "
+                         f"{len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
+        if not isinstance(out, Tensor) or not isinstance(lse, Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
+        if out.dim() < 2 or tuple(lse.shape) != tuple(out.shape[:-1]):
+            raise ValueError(f"lses[{i}] must have the shape of outs[{i}] without its last "
+                             f"dimension, got {_shape(lse)} and {_shape(out)}")
+        if tuple(out.shape) != tuple(outs[0].shape) or out.dtype != outs[0].dtype:
+            raise ValueError(f"outs[{i}] has shape {_shape(out)} and dtype {out.dtype}, "
+                             f"outs[0] {_shape(outs[0])} and {outs[0].dtype}")
+        if lse.dtype not in (torch.float32, torch.float64) or lse.dtype != lses[0].dtype:
+            raise TypeError(f"lses must all be float32 or all float64, got {lse.dtype}")
+        if out.device != outs[0].device or lse.device != outs[0].device:
+            raise ValueError("outs and lses must be on one device")
+    dtype = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    stacked = torch.stack(list(lses)).to(dtype)
+    # +inf (no visible key) means an empty sum: log 0 = -inf for the arithmetic.
+    lse = torch.where(stacked == math.inf, -math.inf, stacked)
+    # The result does not depend on the shift: detached, it needs no gradient.
+    top = lse.detach().amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    scaled = torch.exp(lse - top)  # 0 for empty shards
+    total = scaled.sum(dim=0)
+    seen = total > 0
+    # where() twice: the unused branch must not produce inf / NaN gradients
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    weights = scaled / safe_total
+    out = (weights.unsqueeze(-1) * torch.stack(list(outs)).to(dtype)).sum(dim=0)
+    merged_lse = torch.where(seen, top + torch.log(safe_total), math.inf)
+    return out.to(outs[0].dtype), merged_lse.to(lses[0].dtype)
 
 
 def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
@@ -323,4 +455,4 @@ def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | No
     raises as it would for bad input or a forced backend that cannot run the call."""
     call, _, _, _ = _prepare_call(q, k, v, attn_mask, key_padding_mask, block_mask, is_causal,
                                   dropout_p, scale, return_weights)
-    return _resolve(call, backend)
+    return dispatch.resolve_attention(call, backend)

@@ -28,7 +28,9 @@ class (recorded at conversion).
 ``nn.TransformerEncoderLayer`` and friends keep working because
 :class:`mmattn.nn.MultiheadAttention` subclasses ``torch.nn.MultiheadAttention``: their
 inference fast path (eval mode, no autograd) reads the same weights and runs
-PyTorch's fused kernel, every other call runs mmattn.
+PyTorch's fused kernel, every other call runs mmattn. The report names those layers
+(``not_mmattn``): PyTorch's fused layer kernel is the faster one at small and mid
+sizes, and ``torch.backends.mha.set_fastpath_enabled(False)`` hands them to mmattn.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class ConversionReport:
     Attributes:
         swapped: the replaced modules, in tree order.
         skipped: ``(path, type, reason)`` of modules that look convertible but were kept.
+        not_mmattn: ``(path, when, why)`` of converted modules that some calls still run
+            on PyTorch's kernels: the ``nn.TransformerEncoderLayer`` s whose inference
+            fast path reads the new module's weights without calling it.
         model: the converted model: the argument itself, or its copy with
             ``inplace=False``, or the replacement when the model itself was swapped.
     """
@@ -80,6 +85,7 @@ class ConversionReport:
     model: nn.Module
     swapped: list[Swap] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    not_mmattn: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.swapped)
@@ -95,6 +101,8 @@ class ConversionReport:
                       for s in self.swapped]
         for path, type_name, reason in self.skipped:
             lines.append(f"  kept {path} ({type_name}): {reason}")
+        for path, when, why in self.not_mmattn:
+            lines.append(f"  not mmattn {path} {when}: {why}")
         return "\n".join(lines)
 
 
@@ -408,6 +416,30 @@ def _swap_tree(model: nn.Module, rules: list[_Rule], report: ConversionReport) -
     return model
 
 
+_ENCODER_FAST_PATH = (
+    "PyTorch's fused encoder-layer kernel (torch._transformer_encoder_layer_fwd) reads "
+    "self_attn's weights and runs instead of mmattn; training and autograd run mmattn; "
+    "torch.backends.mha.set_fastpath_enabled(False) makes inference run mmattn too")
+
+
+def _encoder_fast_path_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """The ``nn.TransformerEncoderLayer`` s holding an mmattn MultiheadAttention whose
+    configuration admits PyTorch's inference fast path (its static conditions; at run
+    time it also needs eval mode, no autograd, 3-D input, no hooks, no autocast)."""
+    found = []
+    for path, layer in model.named_modules():
+        attn = getattr(layer, "self_attn", None)
+        if not (isinstance(layer, nn.TransformerEncoderLayer)
+                and isinstance(attn, mnn.MultiheadAttention)):
+            continue
+        if (attn.batch_first and attn.in_proj_bias is not None and attn._qkv_same_embed_dim
+                and getattr(layer, "activation_relu_or_gelu", False)
+                and layer.norm1.eps == layer.norm2.eps and attn.num_heads % 2 == 0):
+            found.append((path or "<model>", "in eval mode without autograd",
+                          _ENCODER_FAST_PATH))
+    return found
+
+
 def convert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     """Swap the attention modules of ``model`` for mmattn's (see the module docstring).
 
@@ -417,10 +449,13 @@ def convert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
 
     Returns:
         A :class:`ConversionReport`; ``print(report)`` lists each swap as
-        ``path  from-type -> to-type``. ``report.model`` is the converted model (the
-        replacement itself when ``model`` is one attention module).
+        ``path  from-type -> to-type``, and the layers some of whose calls will not run
+        mmattn, and why (``report.not_mmattn``). ``report.model`` is the converted model
+        (the replacement itself when ``model`` is one attention module).
     """
-    return _swap_model("convert", model, inplace, _convert_rules())
+    report = _swap_model("convert", model, inplace, _convert_rules())
+    report.not_mmattn = _encoder_fast_path_layers(report.model)
+    return report
 
 
 def revert(model: nn.Module, *, inplace: bool = True) -> ConversionReport:

@@ -31,7 +31,9 @@ from contextlib import contextmanager
 
 import torch
 
+from mmattn import backends as _backends
 from mmattn.backends import NAMES as BACKENDS
+from mmattn.backends import AttentionCall
 from mmattn.backends import cuda as _cuda_backend
 
 
@@ -110,3 +112,16 @@ def resolve_backend(
         if unsupported(candidate) is None:
             return candidate
     return "reference"
+
+
+def resolve_attention(call: AttentionCall, requested: str | None) -> str:
+    """:func:`resolve_backend` for one attention call, asking each backend module's
+    ``attention_unsupported(call)``."""
+    return resolve_backend("cross_attention", call.q.device, requested,
+                           lambda candidate: _backends.get(candidate).attention_unsupported(call))
+
+
+def resolve_ws_linear(x: torch.Tensor, requested: str | None) -> str:
+    """:func:`resolve_backend` for one ws_linear call on input ``x``."""
+    return resolve_backend("ws_linear", x.device, requested,
+                           lambda candidate: _backends.get(candidate).ws_linear_unsupported(x))

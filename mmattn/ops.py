@@ -6,9 +6,10 @@ choice, :mod:`mmattn.attention`, :mod:`mmattn.ws`) -> entry point here
 (:func:`attention`, :func:`ws_linear_apply`) -> the backend module's function
 (:mod:`mmattn.backends`). The chosen backend travels as a string argument.
 
-Two routes lead to the same kernels. Under ``torch.compile`` (and for
-``torch.library.opcheck``, export) the custom ops ``mmattn::*`` are called: opaque
-to the tracer, with fake kernels and registered autograd. In eager mode the entry
+Two routes lead to the same kernels. Under ``torch.compile``, ``torch.export`` and
+``torch.jit.trace`` (and for ``torch.library.opcheck``) the custom ops ``mmattn::*`` are
+called: opaque to the tracer, with fake kernels and registered autograd. TorchScript
+calls them too, with backend :data:`AUTO` (see :mod:`mmattn.nn`). In eager mode the entry
 points call the backend through a plain ``torch.autograd.Function``, or directly
 when no gradient is needed, because the custom-op dispatch adds tens of
 microseconds per call, more than a whole layer takes at the seeds' sizes.
@@ -24,10 +25,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmattn import backends
-from mmattn.backends import reference
+from mmattn import backends, dispatch
+from mmattn.backends import AttentionCall, reference
 
 _NO_BLOCK_TENSORS = (None,) * 7
+
+AUTO = "auto"
+"""The ``backend`` argument that lets the forward custom ops choose the backend per call,
+as :mod:`mmattn.dispatch` would: for callers that cannot run mmattn's Python dispatch
+first (TorchScript, see :mod:`mmattn.nn`). The autograd records the concrete choice."""
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int | None:
@@ -40,11 +46,32 @@ def _block_list(tensors: tuple[Tensor | None, ...]) -> list[Tensor] | None:
 
 # ---- attention -----------------------------------------------------------------------------
 
+def _concrete_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                      key_padding_mask: Tensor | None, is_causal: bool, dropout_p: float,
+                      return_weights: bool, block_tensors_and_size: tuple | list) -> str:
+    """``backend``, or for :data:`AUTO` the backend :mod:`mmattn.dispatch` picks for this
+    call (thread context, ``MMATTN_BACKEND``, automatic choice), as
+    :func:`mmattn.cross_attention` would. Deterministic, so the forward and the autograd
+    set-up of one call agree."""
+    if backend != AUTO:
+        return backend
+    block_size = (block_tensors_and_size[7] if len(block_tensors_and_size) > 7
+                  and block_tensors_and_size[0] is not None else None)
+    # Below autograd grad mode is off: requires_grad alone says whether a backward follows.
+    grad = any(t is not None and t.requires_grad for t in (q, k, v, attn_mask))
+    call = AttentionCall(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
+                         return_weights, None if block_size is None else tuple(block_size), grad)
+    return dispatch.resolve_attention(call, None)
+
+
 def _attention_forward_impl(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
                             dropout_seed, return_weights, keep_fp32_out, backend,
                             *block_tensors_and_size):
     block_mask = _block_list(block_tensors_and_size[:7] or _NO_BLOCK_TENSORS)
     block_size = block_tensors_and_size[7] if block_mask is not None else None
+    if backend == AUTO:
+        backend = _concrete_backend(backend, q, k, v, attn_mask, key_padding_mask, is_causal,
+                                    dropout_p, return_weights, block_tensors_and_size)
     return backends.get(backend).attention_forward(
         q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
         _seed_value(dropout_seed), return_weights, block_mask, block_size, keep_fp32_out)
@@ -61,7 +88,7 @@ def attention_forward(
     block_size: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused attention forward; returns ``(out, lse, weights, out_fp32)`` (see
-    :mod:`mmattn.backends`).
+    :mod:`mmattn.backends`). ``backend``: a backend name, or :data:`AUTO`.
 
     The block-mask arguments are a BlockMask laid out by
     :func:`mmattn.backends.block_mask_tensors` (all given or all None), combined with the
@@ -151,36 +178,44 @@ def _attention_setup_context(ctx, inputs, output):
     saved_out = out_fp32 if out_fp32.numel() else out
     ctx.save_for_backward(q, k, v, saved_out, lse, attn_mask, key_padding_mask, dropout_seed,
                           *block_tensors)
-    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend = is_causal, dropout_p, scale, backend
+    ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+    ctx.backend = _concrete_backend(backend, q, k, v, attn_mask, key_padding_mask, is_causal,
+                                    dropout_p, _return_weights, block_tensors_and_size)
     ctx.block_size = block_tensors_and_size[7] if len(block_tensors_and_size) > 7 else None
     ctx.num_inputs = len(inputs)
-    ctx.out_shape = out.shape
-    ctx.mask_needs_grad = (
-        attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
-    )
+    ctx.mask_needs_grad = _mask_needs_grad(attn_mask)
     # An unused output must arrive as None, not as zeros: a zero gradient for the
     # weights or the lse would send the backward to the reference for nothing.
     ctx.set_materialize_grads(False)
 
 
-def _attention_grads(run_backward, ctx, grad_out, grad_lse, grad_weights):
-    """Gradients of ``attention_forward``'s inputs, computed by ``run_backward``, or by
-    the differentiable reference backward when a graph of the gradients is wanted."""
-    (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
-     *block_tensors) = ctx.saved_tensors
+def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
+    return attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
+
+
+def _attention_grads(run_backward, saved: tuple, settings: tuple, grad_out, grad_lse,
+                     grad_weights):
+    """``(dq, dk, dv, d_mask)`` of ``attention_forward``, computed by ``run_backward``, or
+    by the differentiable reference backward when a graph of the gradients is wanted.
+
+    ``saved``: ``(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed,
+    *block_tensors)``; ``settings``: ``(is_causal, dropout_p, scale, backend, block_size,
+    mask_needs_grad)``. One body for both autograd paths.
+    """
+    (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, *block_tensors) = saved
+    is_causal, dropout_p, scale, backend, block_size, mask_needs_grad = settings
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
     if grad_out is None:
-        grad_out = q.new_zeros(ctx.out_shape)
+        grad_out = q.new_zeros(out.shape)
     if torch.is_grad_enabled():  # create_graph=True: double backward must be exact
         run_backward = _attention_backward_differentiable
     dq, dk, dv, d_mask = run_backward(
         grad_out.contiguous(), grad_weights, grad_lse, q, k, v, out, lse, attn_mask,
-        key_padding_mask, ctx.is_causal, ctx.dropout_p, ctx.scale, dropout_seed,
-        ctx.mask_needs_grad, ctx.backend, *block_tensors, ctx.block_size,
+        key_padding_mask, is_causal, dropout_p, scale, dropout_seed, mask_needs_grad, backend,
+        *block_tensors, block_size,
     )
-    grads = (dq, dk, dv, d_mask if ctx.mask_needs_grad else None)
-    return grads + (None,) * (ctx.num_inputs - len(grads))
+    return dq, dk, dv, d_mask if mask_needs_grad else None
 
 
 def _attention_backward_differentiable(grad_out, grad_weights, grad_lse, q, k, v, out, lse,
@@ -194,7 +229,11 @@ def _attention_backward_differentiable(grad_out, grad_weights, grad_lse, q, k, v
 
 
 def _attention_backward(ctx, grad_out, grad_lse, grad_weights, _grad_out_fp32):
-    return _attention_grads(attention_backward, ctx, grad_out, grad_lse, grad_weights)
+    settings = (ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.backend, ctx.block_size,
+                ctx.mask_needs_grad)
+    grads = _attention_grads(attention_backward, ctx.saved_tensors, settings, grad_out,
+                             grad_lse, grad_weights)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd(
@@ -203,53 +242,100 @@ torch.library.register_autograd(
 
 
 class _EagerAttention(torch.autograd.Function):
-    """Eager twin of the registered autograd: same setup and backward, no op dispatch.
+    """Eager twin of the registered autograd: same backward body, no op dispatch.
 
-    ``forward(ctx, ...)`` rather than a separate ``setup_context``: with the latter,
-    ``apply`` binds its arguments through ``inspect.signature`` on every call, which
-    costs more (~27 us here) than the CPU kernel at small sizes.
+    Built for seed-sized calls, where ``Function.apply``'s own cost is a large share of
+    the time: ``forward(ctx, ...)`` rather than a separate ``setup_context`` (with which
+    ``apply`` binds its arguments through ``inspect.signature`` on every call), five
+    arguments (``apply`` visits each one; everything that never needs a gradient
+    travels in ``spec``, see :func:`attention`), one attribute on ``ctx``, and only the
+    outputs the caller asked for (each output costs a wrapper): ``(out, [weights],
+    [lse])``.
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _attention_forward_impl(*inputs)
-        _attention_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[3])
-        return output
+    def forward(ctx, q, k, v, attn_mask, spec):
+        (key_padding_mask, is_causal, dropout_p, scale, dropout_seed, return_weights,
+         return_lse, keep_fp32_out, backend, block_tensors, block_size) = spec
+        out, lse, weights, out_fp32 = _attention_forward_impl(
+            q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+            return_weights, keep_fp32_out, backend, *block_tensors, block_size)
+        # The float32 output, when kept, gives the backward an exact rowsum(dO * O).
+        # Tensors that never need gradients travel in spec, off save_for_backward.
+        ctx.save_for_backward(q, k, v, out_fp32 if out_fp32.numel() else out, lse, attn_mask)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        if return_weights:
+            return (out, weights, lse) if return_lse else (out, weights)
+        return (out, lse) if return_lse else (out,)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_weights, _grad_out_fp32):
-        return _attention_grads(_attention_backward_impl, ctx, grad_out, grad_lse,
-                                grad_weights)
+    def backward(ctx, grad_out, *more):
+        (key_padding_mask, is_causal, dropout_p, scale, dropout_seed, return_weights,
+         return_lse, _keep, backend, block_tensors, block_size) = ctx.spec
+        grad_weights = more[0] if return_weights else None
+        grad_lse = more[-1] if return_lse else None
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        saved = (q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, *block_tensors)
+        # a float attn_mask that requires grad is the only mask with a gradient
+        settings = (is_causal, dropout_p, scale, backend, block_size, ctx.needs_input_grad[3])
+        dq, dk, dv, d_mask = _attention_grads(_attention_backward_impl, saved, settings,
+                                              grad_out, grad_lse, grad_weights)
+        return dq, dk, dv, d_mask, None
+
+
+# Function.apply's Python wrapper exists for functorch transforms (vmap, grad, ...),
+# which _EagerAttention does not support (no setup_context: they would raise there);
+# outside them the C implementation below is what it calls, ~3 us sooner.
+_eager_attention_apply = super(torch.autograd.Function, _EagerAttention).apply
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     is_causal: bool, dropout_p: float, scale: float, dropout_seed: Tensor | None,
     return_weights: bool, backend: str, block_mask: list[Tensor] | None = None,
-    block_size: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    block_size: list[int] | None = None, return_lse: bool = True,
+    grad_wanted: bool | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Entry point of attention: custom op when tracing, thin path in eager.
 
-    Returns ``(out, lse, weights)``; gradients flow into all three. ``block_mask`` /
+    Returns ``(out, lse, weights)``, ``lse`` None unless ``return_lse`` and ``weights``
+    None unless ``return_weights``; gradients flow into all three. ``block_mask`` /
     ``block_size``: a BlockMask as :func:`mmattn.backends.block_mask_tensors` lays it out.
+    ``grad_wanted``: :func:`needs_grad` of q, k, v, attn_mask when the caller knows it.
     """
-    grad_wanted = needs_grad(q, k, v, attn_mask)
-    keep_fp32_out = grad_wanted and q.dtype in (torch.float16, torch.bfloat16)
-    args = (q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-            return_weights, keep_fp32_out, backend, *(block_mask or _NO_BLOCK_TENSORS),
-            block_size)
-    if torch.compiler.is_compiling():
-        out, lse, weights, _ = torch.ops.mmattn.attention_forward.default(*args)
+    if grad_wanted is None:
+        grad_wanted = needs_grad(q, k, v, attn_mask)
+    keep_fp32_out = grad_wanted and q.dtype in _HALF
+    block_tensors = _NO_BLOCK_TENSORS if block_mask is None else tuple(block_mask)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Traced graphs (torch.compile, torch.export, torch.jit.trace) hold the custom
+        # op, whose registered autograd serves their backward.
+        out, lse, weights, _ = torch.ops.mmattn.attention_forward.default(
+            q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+            return_weights, keep_fp32_out, backend, *block_tensors, block_size)
     elif grad_wanted:
-        out, lse, weights, _ = _EagerAttention.apply(*args)
+        spec = (key_padding_mask, is_causal, dropout_p, scale, dropout_seed, return_weights,
+                return_lse, keep_fp32_out, backend, block_tensors, block_size)
+        apply = (_EagerAttention.apply if torch._C._are_functorch_transforms_active()
+                 else _eager_attention_apply)
+        result = apply(q, k, v, attn_mask, spec)
+        out = result[0]
+        weights = result[1] if return_weights else None
+        lse = result[-1] if return_lse else None
+        return out, lse, weights
     else:
-        out, lse, weights, _ = _attention_forward_impl(*args)
-    return out, lse, weights
+        out, lse, weights, _ = _attention_forward_impl(
+            q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+            return_weights, False, backend, *block_tensors, block_size)
+    return out, lse if return_lse else None, weights if return_weights else None
 
 
 # ---- ws_linear -----------------------------------------------------------------------------
@@ -263,8 +349,10 @@ def ws_linear(
     """``y = x @ W^T + bias`` for W stored as a compressed layout (see SparseLayout).
 
     The transposed index arrays are arguments so kernel backends can run dX as a
-    transposed SpMM without building them per call.
+    transposed SpMM without building them per call. ``backend``: a name or :data:`AUTO`.
     """
+    if backend == AUTO:
+        backend = dispatch.resolve_ws_linear(x, None)
     return backends.get(backend).ws_linear_forward(
         x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
         transpose_perm, out_features, block_size, bias)
@@ -339,6 +427,8 @@ def _ws_setup_context(ctx, inputs, output):
     (x, values, crow, col, rows, ccol, rows_t, perm, out_features, block_size, bias,
      backend) = inputs
     ctx.save_for_backward(x, values, crow, col, rows, ccol, rows_t, perm)
+    if backend == AUTO:
+        backend = dispatch.resolve_ws_linear(x, None)
     ctx.out_features, ctx.block_size, ctx.backend = out_features, block_size, backend
     ctx.has_bias = bias is not None
 
@@ -391,7 +481,7 @@ def ws_linear_apply(
     block_size: int, bias: Tensor | None, backend: str,
 ) -> Tensor:
     """Entry point of ws_linear: custom op when tracing, thin path in eager."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return torch.ops.mmattn.ws_linear.default(
             x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
             transpose_perm, out_features, block_size, bias, backend)

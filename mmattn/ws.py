@@ -125,6 +125,24 @@ def ws_linear_indexed(x: Tensor, weight: Tensor, index: tuple[Tensor, ...],
     return _call(x, weight, index, shape[0], block_size, bias, backend)
 
 
+def ws_linear_scripted(x: Tensor, weight: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                       row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor,
+                       transpose_perm: Tensor, out_features: int, in_features: int,
+                       block_size: int, bias: Tensor | None) -> Tensor:
+    """:func:`ws_linear_indexed` for TorchScript (which cannot run mmattn's Python
+    dispatch): the same check of ``x``, then the custom op ``mmattn::ws_linear`` with
+    backend ``"auto"``, which picks the backend per call as eager mode does."""
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features={in_features} features in its last "
+                         f"dimension, got shape {list(x.shape)}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TypeError(f"x must match the weight in dtype and device ({weight.dtype}, "
+                        f"{weight.device}), got {x.dtype}, {x.device}")
+    return torch.ops.mmattn.ws_linear(x, weight, crow_indices, col_indices, row_indices,
+                                      ccol_indices, row_indices_t, transpose_perm,
+                                      out_features, block_size, bias, "auto")
+
+
 # (device type, dtype) -> the automatic backend choice, which depends on nothing else
 # (the backends' ws_linear_unsupported); filled by eager calls, saving a microsecond
 # per seed-sized call.

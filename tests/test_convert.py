@@ -256,3 +256,32 @@ def test_seed_002_ws_fusion_conversion_plumbing(monkeypatch: pytest.MonkeyPatch)
 def test_convert_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match="model"):
         mmattn.convert("not a model")
+
+
+def test_report_names_layers_whose_inference_runs_pytorchs_kernel(monkeypatch) -> None:
+    from mmattn import ops
+
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                 enable_nested_tensor=False).eval()
+    report = mmattn.convert(fast)
+    assert [path for path, _, _ in report.not_mmattn] == ["layers.0", "layers.1"]
+    assert "not mmattn layers.0 in eval mode without autograd" in str(report)
+    assert "set_fastpath_enabled(False)" in str(report)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fast(x)
+    assert calls == []  # as reported: PyTorch's fused layer kernel ran
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            fast(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert len(calls) == 2
+    # seq-first layers have no such fast path: nothing to report
+    slow = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2,
+                                 enable_nested_tensor=False)
+    assert mmattn.convert(slow).not_mmattn == []

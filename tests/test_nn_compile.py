@@ -81,3 +81,16 @@ def test_converted_transformer_trains_under_compile() -> None:
     torch.testing.assert_close(losses[2:], losses[:2])
     for mine, ref in zip(model.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(mine, ref)
+
+
+def test_inference_compiles_fullgraph_through_mmattn() -> None:
+    # Eager inference at this size takes PyTorch's fused kernel (see
+    # NATIVE_INFERENCE_MAX_WORK); a traced graph holds mmattn's op instead, no break.
+    module = MultiheadAttention(16, 2, batch_first=True).eval()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected, expected_weights = module(x, x, x)
+        out, weights = compiled(x, x, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)

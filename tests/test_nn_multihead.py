@@ -295,3 +295,34 @@ def test_block_mask_keyword_matches_attn_mask() -> None:
 
 def test_exported_from_package() -> None:
     assert mmattn.nn.MultiheadAttention is MultiheadAttention
+
+
+def test_small_inference_takes_pytorchs_fused_kernel_larger_runs_mmattn(monkeypatch) -> None:
+    """Inference that PyTorch's module sends to its native fast path runs that kernel
+    up to NATIVE_INFERENCE_MAX_WORK; bigger calls, masks, training and autograd run
+    mmattn's kernels (never slower than the module replaced, see the constant)."""
+    import mmattn.nn.attention as module_file
+    from mmattn import ops
+
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    theirs, ours = _pair({"batch_first": True}, torch.float32)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(N, L, E)
+    with torch.no_grad():
+        ref, ref_w = theirs(x, x, x)
+        out, w = ours(x, x, x)
+        assert calls == []  # PyTorch's fused kernel: PyTorch's result
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+        ours(x, x, x, key_padding_mask=_bool_mask(N, L))
+        assert calls == [1]  # masks: mmattn (rows with no key give 0, not NaN)
+        monkeypatch.setattr(module_file, "NATIVE_INFERENCE_MAX_WORK", 0)
+        out, w = ours(x, x, x)
+        assert calls == [1, 1]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+    ours(x, x, x)[0].sum().backward()  # autograd: mmattn
+    assert len(calls) == 3

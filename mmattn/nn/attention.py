@@ -15,24 +15,69 @@ NaN.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmattn.attention import cross_attention
+from mmattn.attention import attend, attend_scripted, broadcasts_to, cross_attention
 from mmattn.block_mask import BlockMask
 
 __all__ = ["BlockSparseAttention", "CrossModalAttention", "MultiheadAttention"]
 
+if TYPE_CHECKING:
+    _BlockMaskArg = BlockMask | None
+    _Weights = Tensor | None
+else:
+    # What TorchScript reads in the annotations below (it resolves them at scripting
+    # time). A BlockMask is a Python object: eager mode and torch.compile take one,
+    # TorchScript sees ``Any`` and its forward raises if one is given.
+    _BlockMaskArg = Any | None
+    # CrossModalAttention returns Tensor weights in TorchScript, as seed 000 does, so
+    # converted models whose annotations say so keep scripting (see its forward).
+    _Weights = Tensor
+
+
+
+def _no_block_mask_in_torchscript(block_mask: _BlockMaskArg) -> None:
+    if block_mask is not None:
+        raise ValueError("block_mask works in eager mode and under torch.compile, not in "
+                         "TorchScript (torch.jit.script)")
+
+
+NATIVE_INFERENCE_MAX_WORK = 1 << 20
+"""Inference below this size runs PyTorch's fused kernel in :class:`MultiheadAttention`.
+
+An inference call that ``torch.nn.MultiheadAttention`` would send down its native fast
+path (eval mode, no autograd, self-attention on one tensor, ``batch_first``, no masks,
+packed projections with bias; see :meth:`MultiheadAttention._native_inference`) and
+whose attention work ``B * Lq * Lk * embed_dim`` is at most this, runs
+``torch._native_multi_head_attention`` -- the kernel PyTorch's module runs there, with
+PyTorch's result -- called directly. One fused C++ call beats any path made of separate
+operations at such sizes (E64 L8: 39 us against ~80 us on the 2-core dev VM; mmattn's
+kernel path overtakes it near 1M multiply-adds). Set it to 0 to run mmattn's kernel
+for every call (``torch.backends.mha.set_fastpath_enabled(False)`` does too).
+"""
+
 
 def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
-    """``(B, L, E)`` (``batch_first``) or ``(L, B, E)`` -> a ``(B, H, L, E // H)`` view.
+    """3-D ``(B, L, E)`` (``batch_first``) or ``(L, B, E)`` -> a ``(B, H, L, E // H)`` view.
 
     No copy: the kernels accept any strides.
     """
-    x = x.unflatten(-1, (num_heads, -1))
+    x = x.view(x.shape[0], x.shape[1], num_heads, -1)  # (view: unflatten's wrapper costs)
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)
+
+
+def _packed_heads(x: Tensor, parts: int, num_heads: int,
+                  batch_first: bool) -> list[Tensor]:
+    """One projection holding ``parts`` tensors side by side, ``(B, L, parts * E)`` or
+    ``(L, B, parts * E)``, -> ``parts`` ``(B, H, L, E // H)`` views (three view ops,
+    whatever ``parts``)."""
+    x = x.view(x.shape[0], x.shape[1], parts, num_heads, -1)
+    return x.permute(2, 0, 3, 1, 4).unbind(0) if batch_first else \
+        x.permute(2, 1, 3, 0, 4).unbind(0)
 
 
 def _compile_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,13 +91,6 @@ def _compile_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     if torch.compiler.is_compiling():
         return q.contiguous(), k.contiguous(), v.contiguous()
     return q, k, v
-
-
-def _append_key(x: Tensor, extra: Tensor, batch_first: bool) -> Tensor:
-    """Append one key position ``extra`` (broadcast to ``(B, 1, E)``) to ``x``."""
-    if batch_first:
-        return torch.cat([x, extra.reshape(1, 1, -1).expand(x.shape[0], 1, -1)], dim=1)
-    return torch.cat([x, extra.reshape(1, 1, -1).expand(1, x.shape[1], -1)], dim=0)
 
 
 def _check_mask_dtype(mask: Tensor, name: str) -> None:
@@ -69,6 +107,17 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
 
 
+def _linear(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``F.linear`` for a weight the module may hold as None (TorchScript needs the
+    refinement; which weights exist is fixed at construction)."""
+    assert weight is not None
+    return F.linear(x, weight, bias)
+
+
+def _slice(t: Tensor | None, start: int, stop: int) -> Tensor | None:
+    return None if t is None else t[start:stop]
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     r"""``torch.nn.MultiheadAttention`` computed by :func:`mmattn.cross_attention`.
 
@@ -83,13 +132,21 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` keep their inference
     fast path (eval mode, no autograd, ``batch_first``): it reads this module's
-    weights and runs PyTorch's fused kernel, giving PyTorch's result. Training,
-    autograd and every other use run mmattn. ``torch.backends.mha.set_fastpath_enabled(False)``
-    routes the fast-path cases through mmattn too.
+    weights and runs PyTorch's fused kernel, giving PyTorch's result
+    (:func:`mmattn.convert`'s report lists those layers). Training, autograd and every
+    other use run mmattn. ``torch.backends.mha.set_fastpath_enabled(False)`` routes the
+    fast-path cases through mmattn too.
+
+    TorchScript: ``torch.jit.script`` works as for PyTorch's module (and for models
+    holding it); the scripted forward calls mmattn's custom op
+    ``torch.ops.mmattn.attention_forward``, which picks the backend per call as eager
+    mode does, so scripted and eager results are equal. ``block_mask`` is eager /
+    ``torch.compile`` only. A scripted module runs where ``import mmattn`` has
+    registered the op (``torch.jit.save`` / ``torch.jit.load`` included).
 
     Documented differences: a query row with every key masked gives 0 (PyTorch: NaN);
     invalid arguments raise ``ValueError``/``TypeError`` naming the argument (PyTorch:
-    ``AssertionError``/``RuntimeError``); the extra ``block_mask`` keyword.
+    ``AssertionError``/``RuntimeError``); the extra ``block_mask`` argument.
     """
 
     def forward(  # type: ignore[override]
@@ -102,8 +159,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        *,
-        block_mask: BlockMask | None = None,
+        block_mask: _BlockMaskArg = None,
     ) -> tuple[Tensor, Tensor | None]:
         r"""Attention of ``query`` over ``key``/``value``, as ``torch.nn.MultiheadAttention``.
 
@@ -124,7 +180,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 ``attn_mask``, otherwise ``attn_mask`` is applied (PyTorch 2.13).
             block_mask: an :class:`mmattn.BlockMask` over ``(L, S)`` (``True`` = may
                 attend), combined with the other masks (mmattn extension; not with
-                ``add_bias_kv``/``add_zero_attn``).
+                ``add_bias_kv``/``add_zero_attn``; eager mode and ``torch.compile``).
 
         Returns:
             ``(attn_output, attn_weights)``: output ``(L, E)``, ``(L, N, E)`` or
@@ -135,13 +191,14 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         Rows in which every key is masked give 0 output and 0 weights (PyTorch: NaN).
         """
-        batched = query.dim() == 3
-        if query.dim() not in (2, 3):
+        dims = query.dim()
+        if dims != 3 and dims != 2:
             raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape "
-                             f"{tuple(query.shape)}")
-        if key.dim() != query.dim() or value.dim() != query.dim():
+                             f"{list(query.shape)}")
+        if key.dim() != dims or value.dim() != dims:
             raise ValueError(f"key and value must have query's number of dimensions "
-                             f"({query.dim()}), got {key.dim()} and {value.dim()}")
+                             f"({dims}), got {key.dim()} and {value.dim()}")
+        batched = dims == 3
         batch_first = self.batch_first
         if not batched:  # one batch element, laid out batch-first
             same_kv = key is value
@@ -154,50 +211,61 @@ class MultiheadAttention(nn.MultiheadAttention):
                 _check_mask_dtype(key_padding_mask, "key_padding_mask")
                 if key_padding_mask.dim() != 1:
                     raise ValueError(f"key_padding_mask must be 1-D (S,) for unbatched "
-                                     f"input, got shape {tuple(key_padding_mask.shape)}")
+                                     f"input, got shape {list(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if batch_first:
             batch, tgt_len, embed_dim = query.shape
             src_len = key.shape[1]
+            key_batch = key.shape[0]
         else:
             tgt_len, batch, embed_dim = query.shape
             src_len = key.shape[0]
+            key_batch = key.shape[1]
         if embed_dim != self.embed_dim:
             raise ValueError(f"query's embedding size must be embed_dim={self.embed_dim}, "
                              f"got {embed_dim}")
-        if key.shape[:-1] != value.shape[:-1]:
+        if key is not value and key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must have the same batch and sequence sizes, "
-                             f"got shapes {tuple(key.shape)} and {tuple(value.shape)}")
-        key_batch = key.shape[0] if batch_first else key.shape[1]
+                             f"got shapes {list(key.shape)} and {list(value.shape)}")
         if key_batch != batch:
             raise ValueError(f"query and key batch sizes differ: {batch} and {key_batch}")
         num_heads = self.num_heads
+
+        if not torch.jit.is_scripting():
+            if (attn_mask is None and key_padding_mask is None and block_mask is None
+                    and not is_causal and batched and query is key and key is value
+                    and self._native_inference(query)):
+                return torch._native_multi_head_attention(
+                    query, query, query, embed_dim, num_heads, self.in_proj_weight,
+                    self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, None,
+                    need_weights, average_attn_weights, None)
 
         # Masks, in mmattn's convention: bool True = may attend, float added.
         if attn_mask is not None:
             _check_mask_dtype(attn_mask, "attn_mask")
             if attn_mask.dim() == 2:
-                if tuple(attn_mask.shape) != (tgt_len, src_len):
+                if attn_mask.shape[0] != tgt_len or attn_mask.shape[1] != src_len:
                     raise ValueError(f"2-D attn_mask must have shape (L, S) = "
-                                     f"{(tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+                                     f"{[tgt_len, src_len]}, got {list(attn_mask.shape)}")
             elif attn_mask.dim() == 3:
-                if tuple(attn_mask.shape) != (batch * num_heads, tgt_len, src_len):
+                if list(attn_mask.shape) != [batch * num_heads, tgt_len, src_len]:
                     raise ValueError(f"3-D attn_mask must have shape (N * num_heads, L, S) = "
-                                     f"{(batch * num_heads, tgt_len, src_len)}, got "
-                                     f"{tuple(attn_mask.shape)}")
+                                     f"{[batch * num_heads, tgt_len, src_len]}, got "
+                                     f"{list(attn_mask.shape)}")
                 attn_mask = attn_mask.view(batch, num_heads, tgt_len, src_len)
             else:
                 raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), "
-                                 f"got shape {tuple(attn_mask.shape)}")
+                                 f"got shape {list(attn_mask.shape)}")
         elif is_causal:
             raise ValueError("is_causal=True is a hint that attn_mask is the causal mask and "
                              "needs attn_mask (as torch.nn.MultiheadAttention); pass the "
                              "mask, e.g. nn.Transformer.generate_square_subsequent_mask(L)")
         if key_padding_mask is not None:
             _check_mask_dtype(key_padding_mask, "key_padding_mask")
-            if tuple(key_padding_mask.shape) != (batch, src_len):
-                raise ValueError(f"key_padding_mask must have shape (N, S) = {(batch, src_len)}, "
-                                 f"got {tuple(key_padding_mask.shape)}")
+            if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != batch or \
+                    key_padding_mask.shape[1] != src_len:
+                raise ValueError(f"key_padding_mask must have shape (N, S) = "
+                                 f"{[batch, src_len]}, got {list(key_padding_mask.shape)}")
         # bool(): a drop-in for nn.MultiheadAttention takes truthy flags as it does
         use_causal = bool(is_causal) and key_padding_mask is None and not need_weights
         if use_causal:
@@ -217,24 +285,25 @@ class MultiheadAttention(nn.MultiheadAttention):
                                  "add_zero_attn (they append keys the block mask does not "
                                  "cover)")
             k, v, attn_mask, key_padding_mask = self._extra_keys(
-                k, v, attn_mask, key_padding_mask, batch_first)
+                k, v, attn_mask, key_padding_mask)
 
         dropout_p = self.dropout if self.training else 0.0
-        q, k, v = _compile_safe(_heads(q, num_heads, batch_first),
-                                _heads(k, num_heads, batch_first),
-                                _heads(v, num_heads, batch_first))
-        result = cross_attention(
-            q, k, v, attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask, block_mask=block_mask, is_causal=use_causal,
-            dropout_p=dropout_p, return_weights=bool(need_weights),
-        )
-        out, weights = result if need_weights else (result, None)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if torch.jit.is_scripting():
+            _no_block_mask_in_torchscript(block_mask)
+            out, weights = attend_scripted(q, k, v, attn_mask, key_padding_mask, use_causal,
+                                           dropout_p, scale, need_weights)
+        else:
+            q, k, v = _compile_safe(q, k, v)
+            out, weights = attend(q, k, v, attn_mask, key_padding_mask, use_causal, dropout_p,
+                                  scale, bool(need_weights), block_mask)
         # (B, H, L, D) -> the caller's layout, then the output projection.
         if batch_first:
             out = out.transpose(1, 2).reshape(batch, tgt_len, embed_dim)
         else:
             out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch, embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out_proj = self.out_proj
+        out = F.linear(out, out_proj.weight, out_proj.bias)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
@@ -243,45 +312,80 @@ class MultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         return out, weights
 
+    @torch.jit.unused
+    def _native_inference(self, query: Tensor) -> bool:
+        """Whether a self-attention call without masks takes PyTorch's fused inference
+        kernel (see :data:`NATIVE_INFERENCE_MAX_WORK`): PyTorch's own fast-path
+        conditions, and a size at most that. Eager mode only."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False  # traced graphs hold mmattn's custom op
+        if self.training or not self.batch_first or not self._qkv_same_embed_dim or \
+                self.bias_k is not None or self.add_zero_attn or self.num_heads % 2:
+            return False
+        batch, length, embed_dim = query.shape
+        if batch * length * length * embed_dim > NATIVE_INFERENCE_MAX_WORK:
+            return False
+        weight, bias, out_proj = self.in_proj_weight, self.in_proj_bias, self.out_proj
+        tensors = (query, weight, bias, out_proj.weight, out_proj.bias)
+        if bias is None or query.dtype != weight.dtype or query.dtype != bias.dtype:
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return False
+        return (torch.backends.mha.get_fastpath_enabled() and not torch.is_autocast_enabled()
+                and not query.is_nested and query.device.type in ("cpu", "cuda")
+                and not torch.overrides.has_torch_function(tensors))
+
     def _project(self, query: Tensor, key: Tensor, value: Tensor,
                  batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Input projections; one fused GEMM for self-attention, one for shared key/value."""
-        embed_dim = self.embed_dim
+        """Input projections as ``(B, H, L, D)`` views: one GEMM for self-attention (as
+        PyTorch), one for a shared key/value tensor, else one each."""
+        embed_dim, heads = self.embed_dim, self.num_heads
         bias = self.in_proj_bias
         if self._qkv_same_embed_dim:
             weight = self.in_proj_weight
+            assert weight is not None
             if query is key and key is value:
-                qkv = F.linear(query, weight, bias).unflatten(-1, (3, embed_dim))
-                return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-            w_q, w_kv = weight[:embed_dim], weight[embed_dim:]
-            b_q, b_kv = (None, None) if bias is None else (bias[:embed_dim], bias[embed_dim:])
-            q = F.linear(query, w_q, b_q)
+                q, k, v = _packed_heads(F.linear(query, weight, bias), 3, heads, batch_first)
+                return q, k, v
+            q = _heads(F.linear(query, weight[:embed_dim], _slice(bias, 0, embed_dim)),
+                       heads, batch_first)
             if key is value:
-                kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, embed_dim))
-                return q, kv[..., 0, :], kv[..., 1, :]
-            w_k, w_v = w_kv[:embed_dim], w_kv[embed_dim:]
-            b_k, b_v = (None, None) if b_kv is None else (b_kv[:embed_dim], b_kv[embed_dim:])
-            return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
-        return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
-                F.linear(value, self.v_proj_weight, b_v))
+                k, v = _packed_heads(F.linear(key, weight[embed_dim:],
+                                              _slice(bias, embed_dim, 3 * embed_dim)),
+                                     2, heads, batch_first)
+                return q, k, v
+            k = F.linear(key, weight[embed_dim:2 * embed_dim],
+                         _slice(bias, embed_dim, 2 * embed_dim))
+            v = F.linear(value, weight[2 * embed_dim:], _slice(bias, 2 * embed_dim, 3 * embed_dim))
+            return q, _heads(k, heads, batch_first), _heads(v, heads, batch_first)
+        q = _linear(query, self.q_proj_weight, _slice(bias, 0, embed_dim))
+        k = _linear(key, self.k_proj_weight, _slice(bias, embed_dim, 2 * embed_dim))
+        v = _linear(value, self.v_proj_weight, _slice(bias, 2 * embed_dim, 3 * embed_dim))
+        return (_heads(q, heads, batch_first), _heads(k, heads, batch_first),
+                _heads(v, heads, batch_first))
 
     def _extra_keys(self, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                    key_padding_mask: Tensor | None, batch_first: bool
+                    key_padding_mask: Tensor | None
                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Append the learned ``bias_k``/``bias_v`` key and the all-zero key (visible)."""
+        """Append the learned ``bias_k``/``bias_v`` key and the all-zero key (visible) to
+        ``(B, H, S, D)`` keys and values."""
         extra = 0
-        if self.bias_k is not None and self.bias_v is not None:
-            k = _append_key(k, self.bias_k, batch_first)
-            v = _append_key(v, self.bias_v, batch_first)
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            k = torch.cat([k, bias_k.view(1, k.shape[1], 1, k.shape[3]).expand(
+                k.shape[0], -1, -1, -1)], dim=2)
+            v = torch.cat([v, bias_v.view(1, v.shape[1], 1, v.shape[3]).expand(
+                v.shape[0], -1, -1, -1)], dim=2)
             extra += 1
         if self.add_zero_attn:
-            k = _append_key(k, k.new_zeros(k.shape[-1]), batch_first)
-            v = _append_key(v, v.new_zeros(v.shape[-1]), batch_first)
+            k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])], dim=2)
+            v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3])], dim=2)
             extra += 1
         if attn_mask is not None:  # the appended keys are visible: True, or 0 added
-            fill = attn_mask.new_full((*attn_mask.shape[:-1], extra),
-                                      attn_mask.dtype == torch.bool)
+            shape = list(attn_mask.shape)
+            shape[-1] = extra
+            fill = torch.full(shape, 1.0 if attn_mask.dtype == torch.bool else 0.0,
+                              dtype=attn_mask.dtype, device=attn_mask.device)
             attn_mask = torch.cat([attn_mask, fill], dim=-1)
         if key_padding_mask is not None:  # ... and not padding
             fill = key_padding_mask.new_zeros((key_padding_mask.shape[0], extra))
@@ -326,8 +430,8 @@ class CrossModalAttention(nn.Module):
         self.need_weights = need_weights
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
-                *, need_weights: bool | None = None, block_mask: BlockMask | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool | None = None, block_mask: _BlockMaskArg = None
+                ) -> tuple[Tensor, _Weights]:
         r"""Cross-modal attention of ``query`` over ``key``/``value``.
 
         Args:
@@ -337,39 +441,43 @@ class CrossModalAttention(nn.Module):
                 equal to 0 hide the key (the seed's ``mask == 0``).
             need_weights: return the weights; None uses the constructor's setting.
             block_mask: an :class:`mmattn.BlockMask` over ``(Lq, Lk)``, combined
-                with ``mask`` (mmattn extension).
+                with ``mask`` (mmattn extension; eager mode and ``torch.compile``).
 
         Returns:
             ``(output (B, Lq, query_dim), weights (B, num_heads, Lq, Lk) after dropout)``,
             weights None when not needed. Rows with every key masked give 0 (seed: NaN).
+            Under TorchScript, whose types are static, weights not needed are an empty
+            tensor instead of None: the seed's module always returns a tensor, and
+            converted models that collect the weights are annotated so.
         """
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(f"query, key and value must be 3-D (B, L, features), got shapes "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+                             f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
         want_weights = self.need_weights if need_weights is None else need_weights
-        attn_mask = None
+        heads = self.num_heads
+        attn_mask: Tensor | None = None
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-            target = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
-            try:
-                fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-            except RuntimeError:
-                fits = False
-            if not fits:
-                raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+            target = [query.shape[0], heads, query.shape[1], key.shape[1]]
+            if not broadcasts_to(list(mask.shape), target):
+                raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to "
                                  f"(B, num_heads, Lq, Lk) = {target}")
             attn_mask = mask != 0
-        heads = self.num_heads
-        q = self.q_proj(query).unflatten(-1, (heads, -1)).transpose(1, 2)
-        k = self.k_proj(key).unflatten(-1, (heads, -1)).transpose(1, 2)
-        v = self.v_proj(value).unflatten(-1, (heads, -1)).transpose(1, 2)
-        q, k, v = _compile_safe(q, k, v)
+        q = _heads(self.q_proj(query), heads, True)
+        k = _heads(self.k_proj(key), heads, True)
+        v = _heads(self.v_proj(value), heads, True)
         dropout_p = self.dropout.p if self.training else 0.0
-        result = cross_attention(q, k, v, attn_mask=attn_mask, block_mask=block_mask,
-                                 dropout_p=dropout_p, scale=1.0 / self.scale,
-                                 return_weights=bool(want_weights))
-        context, weights = result if want_weights else (result, None)
+        if torch.jit.is_scripting():
+            _no_block_mask_in_torchscript(block_mask)
+            context, weights = attend_scripted(q, k, v, attn_mask, None, False, dropout_p,
+                                               1.0 / self.scale, want_weights)
+            if weights is None:
+                weights = context.new_empty(0)
+        else:
+            q, k, v = _compile_safe(q, k, v)
+            context, weights = attend(q, k, v, attn_mask, None, False, dropout_p,
+                                      1.0 / self.scale, bool(want_weights), block_mask)
         context = context.transpose(1, 2).flatten(2)
         return self.out_proj(context), weights
 

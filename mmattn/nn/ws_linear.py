@@ -19,14 +19,14 @@ entries outside the layout are dropped, and a given mask must equal the layout.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mmattn.backends.reference import layout_to_dense_weight
 from mmattn.layout import SparseLayout
-from mmattn.ws import ws_linear_indexed
+from mmattn.ws import ws_linear_indexed, ws_linear_scripted
 
 _PERSISTENT_INDEX = ("crow_indices", "col_indices")
 _DERIVED_INDEX = ("row_indices", "ccol_indices", "row_indices_t", "transpose_perm")
@@ -61,6 +61,9 @@ class _CompressedLinear(nn.Module):
     """``y = x @ (W * M)^T + b`` over a :class:`SparseLayout`; parameters for kept entries
     only. The layout lives in int32 buffers, so ``.to(device)`` and ``state_dict`` carry it.
     Subclasses choose the layout and the initialisation."""
+
+    # Python-side conveniences that TorchScript need not (and cannot) compile.
+    __jit_unused_properties__: ClassVar[list[str]] = ["layout", "nnz", "density", "mask"]
 
     def __init__(self, layout: SparseLayout, bias: bool, device: torch.device | str | None,
                  dtype: torch.dtype | None) -> None:
@@ -119,6 +122,14 @@ class _CompressedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(..., in_features)`` in the weight's dtype and device ->
         ``(..., out_features)``."""
+        return self._sparse_linear(x)
+
+    def _sparse_linear(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return ws_linear_scripted(x, self.weight, self.crow_indices, self.col_indices,
+                                      self.row_indices, self.ccol_indices, self.row_indices_t,
+                                      self.transpose_perm, self.out_features,
+                                      self.in_features, self.block_size, self.bias)
         # _parameters / _buffers directly: nn.Module.__getattr__ costs ~0.3 us a name,
         # a noticeable share of a seed-sized call.
         params = self._parameters
@@ -345,23 +356,34 @@ class WSMultiModalFusion(_CompressedLinear):
         new.weight.requires_grad_(weight.requires_grad)
         return new
 
-    def forward(self, features: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-        """``features``: ``n_modalities`` tensors ``(..., features_per_modality)`` ->
-        ``(..., n_modalities * features_per_modality)``."""
-        if not isinstance(features, (list, tuple)) or len(features) != self.n_modalities:
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """``features``: ``n_modalities`` tensors ``(..., features_per_modality)`` (a list,
+        or in eager mode a tuple) -> ``(..., n_modalities * features_per_modality)``."""
+        if torch.jit.is_scripting():
+            if len(features) != self.n_modalities:
+                raise ValueError(f"features must be a list of {self.n_modalities} tensors, "
+                                 f"got {len(features)}")
+        elif not isinstance(features, (list, tuple)) or len(features) != self.n_modalities:
             raise ValueError(f"features must be a list of {self.n_modalities} tensors, got "
                              f"{type(features).__name__} of length "
                              f"{len(features) if isinstance(features, (list, tuple)) else '-'}")
-        width = self.features_per_modality
         # Widths that only sum to the total would mix modalities silently after the cat.
-        try:
-            for feature in features:
-                if feature.size(-1) != width:
-                    self._raise_feature_error(features)
-        except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
-            self._raise_feature_error(features)
-        return _CompressedLinear.forward(self, torch.cat(features, dim=-1))
+        if torch.jit.is_scripting():
+            for index, feature in enumerate(features):
+                if feature.dim() == 0 or feature.size(-1) != self.features_per_modality:
+                    raise ValueError(f"features[{index}] must be a tensor (..., "
+                                     f"features_per_modality={self.features_per_modality})")
+        else:
+            width = self.features_per_modality
+            try:
+                for feature in features:
+                    if feature.size(-1) != width:
+                        self._raise_feature_error(features)
+            except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
+                self._raise_feature_error(features)
+        return self._sparse_linear(torch.cat(features, dim=-1))
 
+    @torch.jit.unused
     def _raise_feature_error(self, features: list[Tensor] | tuple[Tensor, ...]) -> None:
         width = self.features_per_modality
         for index, feature in enumerate(features):
