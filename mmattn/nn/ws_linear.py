@@ -374,14 +374,18 @@ class WSMultiModalFusion(_CompressedLinear):
                     raise ValueError(f"features[{index}] must be a tensor (..., "
                                      f"features_per_modality={self.features_per_modality})")
         else:
-            width = self.features_per_modality
-            try:
-                for feature in features:
-                    if feature.size(-1) != width:
-                        self._raise_feature_error(features)
-            except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
-                self._raise_feature_error(features)
+            self._check_widths(features)
         return self._sparse_linear(torch.cat(features, dim=-1))
+
+    @torch.jit.unused
+    def _check_widths(self, features: list[Tensor] | tuple[Tensor, ...]) -> None:
+        width = self.features_per_modality
+        try:
+            for feature in features:
+                if feature.size(-1) != width:
+                    self._raise_feature_error(features)
+        except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
+            self._raise_feature_error(features)
 
     @torch.jit.unused
     def _raise_feature_error(self, features: list[Tensor] | tuple[Tensor, ...]) -> None:
