@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 env:
 	bash scripts/dev_env.sh
 
-## run: the main job — the conversion demo and the CPU micro-benchmarks
+## run: the main job — the conversion demo, then the micro-benchmarks (--quick unless
+## ARGS says otherwise: ARGS="--suite default" rewrites benchmarks/results/)
+ARGS ?= --quick
 run: env
 	$(PY) -m mmattn.bench $(ARGS)
 

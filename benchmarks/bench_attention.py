@@ -1,226 +1,242 @@
-"""CPU attention: mmattn's fused C++ kernels against PyTorch, anchors timed in the same run.
+"""``cross_attention`` forward, backward and forward+backward against the attention
+people run instead, on the same inputs.
 
-Cases (float32, 2 threads unless the machine has fewer cores):
+Anchors:
 
-* dense forward, B4 H8 Lq256 Lk1024 D64: ``F.scaled_dot_product_attention``;
-* forward + backward, same shape: SDPA forward + backward;
-* ``return_weights=True``, same shape: the attention math of ``nn.MultiheadAttention``
-  with ``need_weights=True`` (what ``F.multi_head_attention_forward`` runs between its
-  projections: ``q * scale``, ``bmm(q, k^T)``, ``softmax``, ``bmm(weights, v)``, returning
-  the per-head weights; no head averaging, which would only add work to the anchor);
-* block-sparse self-attention, B4 H8 L2048 D64, blocks of 128, a random layout of density
-  ~0.2 (seed 004's rule, ``BlockMask.random``): against ``1.2 x density x`` mmattn's own
-  dense time, and against FlexAttention compiled with ``torch.compile`` and the same
-  block layout (its compile time and our first call are reported too);
-* memory, forward + backward at Lq = Lk = 16384 (B1 H1 D64) in a fresh subprocess each:
-  peak RSS growth, against SDPA; one Lq x Lk float32 matrix would be 1024 MB.
+- ``SDPA[<backend>]``: ``F.scaled_dot_product_attention`` pinned to each of its backends
+  with ``torch.nn.attention.sdpa_kernel`` (CUDA: flash, efficient, cuDNN, math; CPU:
+  flash, math); ``enable_gqa=True`` when ``Hq != Hkv``. A backend that refuses the case
+  (dtype, head dim, GQA) is skipped with torch's message;
+- ``naive matmul-softmax``: ``softmax(q k^T * scale) v`` (softmax in float32, GQA by
+  ``repeat_interleave``): the attention ``nn.MultiheadAttention`` and the seeds compute;
+- ``flash-attn`` (``flash_attn_func``) and ``xformers``
+  (``memory_efficient_attention``) when importable, CUDA only.
 
-Run: ``python benchmarks/bench_attention.py [--quick]`` (or ``python -m mmattn.bench --only
-attention``); writes ``benchmarks/results/attention_cpu.{csv,md}``.
+Sweeps (each at the family's base shape otherwise): ``Lk`` with ``Lq`` small and ``Lq``
+with ``Lk`` small (the cross-modal extremes: a few text queries over many image or audio
+keys, and the reverse), ``head_dim``, ``gqa`` (``Hq / Hkv``), ``batch`` and ``dtype``.
+FLOPs: ``2 B Hq Lq Lk (D + Dv)`` forward, 2.5x that backward (five matmuls instead of
+two), 3.5x forward+backward.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+import importlib.util
 import math
-import os
-import subprocess
-import sys
-import time
-import warnings
-from pathlib import Path
+from typing import Any
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
-from common import Table, time_ms
+from torch import Tensor
 
 import mmattn
-from mmattn import BlockMask
-from mmattn.backends import cpu as cpu_backend
+from benchmarks.core import (
+    DTYPES,
+    Built,
+    Case,
+    Impl,
+    Selection,
+    direction_of,
+    directional,
+    leaves_like,
+    mmattn_impls,
+    oracle_dtype,
+    randn,
+    shape_label,
+)
 
-THREADS = min(2, os.cpu_count() or 1)
-DENSE = (4, 8, 256, 1024, 64)  # B, H, Lq, Lk, D
-SPARSE = (4, 8, 2048, 64, 128, 6)  # B, H, L, D, block, layout seed (density 0.195)
-MEMORY_L = 16384
+FAMILY = "cross_attention"
+OPS = ("cross_attention.fwd", "cross_attention.bwd", "cross_attention.fwd+bwd")
+KEYS = ("B", "Hq", "Hkv", "Lq", "Lk", "D", "dtype")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+# (device, preset) -> base shape and sweep values. "dirs": directions of each sweep.
+_CPU_BASE = {"B": 4, "Hq": 8, "Hkv": 8, "Lq": 256, "Lk": 1024, "D": 64, "dtype": "float32"}
+_CUDA_BASE = {"B": 4, "Hq": 16, "Hkv": 16, "Lq": 1024, "Lk": 4096, "D": 64,
+              "dtype": "bfloat16"}
+_ALL = ("fwd", "bwd", "fwd+bwd")
+_TRAIN = ("fwd", "fwd+bwd")
+SWEEPS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cpu", "smoke"): {
+        "base": {"B": 1, "Hq": 2, "Hkv": 2, "Lq": 16, "Lk": 32, "D": 16, "dtype": "float32"},
+        "Lk": ([32, 64], {"Lq": 8}, _ALL), "Lq": ([32], {"Lk": 8}, ("fwd",)),
+        "gqa": ([2], {}, ("fwd",)), "dtype": (["bfloat16"], {}, ("fwd",)),
+        "headline": _TRAIN,
+    },
+    ("cpu", "quick"): {"base": _CPU_BASE, "headline": _TRAIN},
+    ("cpu", "default"): {
+        "base": _CPU_BASE,
+        "Lk": ([128, 512, 2048, 8192], {"Lq": 128}, _ALL),
+        "Lq": ([128, 512, 2048, 8192], {"Lk": 128}, _ALL),
+        "head_dim": ([32, 64, 128], {}, _TRAIN), "gqa": ([1, 2, 4, 8], {}, _TRAIN),
+        "batch": ([1, 4, 16], {}, _TRAIN),
+        "dtype": (["float32", "bfloat16", "float16"], {}, _TRAIN),
+        "headline": _TRAIN,
+    },
+    ("cpu", "full"): {
+        "base": _CPU_BASE,
+        "Lk": ([64, 256, 1024, 4096, 16384], {"Lq": 64}, _ALL),
+        "Lq": ([64, 256, 1024, 4096, 16384], {"Lk": 64}, _ALL),
+        "head_dim": ([16, 32, 64, 128, 256], {}, _ALL), "gqa": ([1, 2, 4, 8], {}, _ALL),
+        "batch": ([1, 2, 4, 8, 16, 32], {}, _ALL),
+        "dtype": (["float32", "bfloat16", "float16"], {}, _ALL),
+        "headline": _TRAIN,
+    },
+    ("cuda", "smoke"): {
+        "base": {"B": 1, "Hq": 2, "Hkv": 2, "Lq": 64, "Lk": 128, "D": 64,
+                 "dtype": "bfloat16"},
+        "Lk": ([128, 256], {"Lq": 64}, _ALL), "headline": _TRAIN,
+    },
+    ("cuda", "quick"): {"base": _CUDA_BASE, "headline": _TRAIN},
+    ("cuda", "default"): {
+        "base": _CUDA_BASE,
+        "Lk": ([512, 2048, 8192, 32768], {"Lq": 256}, _ALL),
+        "Lq": ([512, 2048, 8192, 32768], {"Lk": 256}, _ALL),
+        "head_dim": ([32, 64, 128, 256], {}, _TRAIN), "gqa": ([1, 2, 4, 8, 16], {}, _TRAIN),
+        "batch": ([1, 4, 16, 64], {}, _TRAIN),
+        "dtype": (["bfloat16", "float16", "float32"], {}, _TRAIN),
+        "headline": _TRAIN,
+    },
+    ("cuda", "full"): {
+        "base": _CUDA_BASE,
+        "Lk": ([256, 1024, 4096, 16384, 65536], {"Lq": 128}, _ALL),
+        "Lq": ([256, 1024, 4096, 16384, 65536], {"Lk": 128}, _ALL),
+        "head_dim": ([32, 64, 96, 128, 256], {}, _ALL), "gqa": ([1, 2, 4, 8, 16], {}, _ALL),
+        "batch": ([1, 2, 4, 8, 16, 32, 64], {}, _ALL),
+        "dtype": (["bfloat16", "float16", "float32"], {}, _ALL),
+        "headline": _TRAIN,
+    },
+}
+# sweep name -> the parameter(s) it sets
+_SWEPT = {"Lk": "Lk", "Lq": "Lq", "head_dim": "D", "batch": "B", "dtype": "dtype"}
 
 
-def paired_ms(anchor, ours, repeats: int, rounds: int = 3) -> tuple[float, float]:
-    """Median times of ``anchor`` and ``ours`` measured alternately ``rounds`` times; the
-    best round of each. On a shared machine a burst of load then hits both, not one."""
-    anchor_ms, ours_ms = [], []
-    for _ in range(rounds):
-        anchor_ms.append(time_ms(anchor, repeats=repeats))
-        ours_ms.append(time_ms(ours, repeats=repeats))
-    return min(anchor_ms), min(ours_ms)
+def _case(op: str, params: dict[str, Any], sweep: str | None, headline: bool = False) -> Case:
+    return Case(FAMILY, op, params, shape_label(params, KEYS),
+                [sweep] if sweep else [], headline)
 
 
-def _qkv(b: int, h: int, lq: int, lk: int, d: int, grad: bool = False):
-    q, k, v = torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
-    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+def cases(selection: Selection) -> list[Case]:
+    spec = SWEEPS.get((selection.device, selection.preset.name))
+    if spec is None:
+        return []
+    base = {**spec["base"], "dtype": selection.base_dtype(spec["base"]["dtype"])}
+    out = [_case(f"{FAMILY}.{d}", dict(base), None, headline=True) for d in spec["headline"]]
+    for sweep, value in spec.items():
+        if sweep in ("base", "headline"):
+            continue
+        values, fixed, directions = value
+        if sweep == "dtype":
+            values = selection.dtype_sweep(values)
+        for v in values:
+            params = {**base, **fixed}
+            if sweep == "gqa":
+                params["Hkv"] = max(1, params["Hq"] // v)
+            else:
+                params[_SWEPT[sweep]] = v
+            out.extend(_case(f"{FAMILY}.{d}", dict(params), sweep) for d in directions)
+    return out
 
 
-def dense_cases(table: Table, repeats: int) -> None:
-    b, h, lq, lk, d = DENSE
-    shape = f"B{b} H{h} Lq{lq} Lk{lk} D{d}"
-    q, k, v = _qkv(b, h, lq, lk, d)
-    torch.testing.assert_close(mmattn.cross_attention(q, k, v),
-                               F.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-5)
-    sdpa, ours = paired_ms(lambda: F.scaled_dot_product_attention(q, k, v),
-                           lambda: mmattn.cross_attention(q, k, v), repeats)
-    table.add(f"dense fwd {shape}", "F.scaled_dot_product_attention", sdpa, ours, ">= 1.0x")
+def _sdpa_backends(device: str) -> list[tuple[str, Any]]:
+    from torch.nn.attention import SDPBackend
 
-    qg, kg, vg = _qkv(b, h, lq, lk, d, grad=True)
-    grad_out = torch.randn(b, h, lq, d)
+    if device == "cuda":
+        return [("flash", SDPBackend.FLASH_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]
+    return [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)]
 
-    def sdpa_fwd_bwd():
-        F.scaled_dot_product_attention(qg, kg, vg).backward(grad_out)
 
-    def ours_fwd_bwd():
-        mmattn.cross_attention(qg, kg, vg).backward(grad_out)
+def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: Any = None,
+         attn_mask: Tensor | None = None) -> Tensor:
+    """SDPA, pinned to one of its backends when ``backend`` is given."""
+    from torch.nn.attention import sdpa_kernel
 
-    sdpa, ours = paired_ms(sdpa_fwd_bwd, ours_fwd_bwd, repeats)
-    table.add(f"fwd+bwd {shape}", "SDPA fwd+bwd", sdpa, ours, ">= 1.0x")
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, **gqa)
 
+
+def naive(q: Tensor, k: Tensor, v: Tensor, scale: float,
+          attn_mask: Tensor | None = None) -> Tensor:
+    """``softmax(q k^T * scale [masked]) v``: the matmul-softmax attention of the seeds."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def third_party(q: Tensor, k: Tensor, v: Tensor, scale: float
+                ) -> list[tuple[str, Any, str | None]]:
+    """(name, forward(q, k, v), skip reason) of flash-attn and xformers."""
+    found = []
+    on_cuda_half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if importlib.util.find_spec("flash_attn") is not None:
+        def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            from flash_attn import flash_attn_func
+
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  softmax_scale=scale)
+            return out.transpose(1, 2)
+        found.append(("flash-attn", flash,
+                      None if on_cuda_half else "flash-attn runs fp16/bf16 CUDA tensors"))
+    if importlib.util.find_spec("xformers") is not None:
+        def xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            import xformers.ops as xops
+
+            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2), scale=scale)
+            return out.transpose(1, 2)
+        reason = None if q.is_cuda else "xformers: CUDA tensors only here"
+        if q.shape[1] != k.shape[1]:
+            reason = "xformers takes GQA only in its 5-D (B, M, G, H, K) layout"
+        found.append(("xformers", xformers, reason))
+    return found
+
+
+def build(case: Case, selection: Selection) -> Built:
+    p, device = case.params, selection.device
+    direction = direction_of(case.op)
+    dtype = DTYPES[p["dtype"]]
+    b, hq, hkv, lq, lk, d = p["B"], p["Hq"], p["Hkv"], p["Lq"], p["Lk"], p["D"]
     scale = 1.0 / math.sqrt(d)
-    q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
+    base = [randn((b, hq, lq, d), dtype, device, 1), randn((b, hkv, lk, d), dtype, device, 2),
+            randn((b, hkv, lk, d), dtype, device, 3)]
+    grad_out = randn((b, hq, lq, d), dtype, device, 4) if direction != "fwd" else None
+    need_grad = direction != "fwd"
 
-    def mha_math():
-        weights = torch.softmax(torch.bmm(q3 * scale, k3.transpose(1, 2)), dim=-1)
-        return torch.bmm(weights, v3), weights.view(b, h, lq, lk)
+    def make(name: str, kind: str, fn: Any, **fields: Any) -> Impl:
+        q, k, v = leaves_like(base, need_grad)  # each implementation its own leaves
+        return directional(name, kind, lambda: fn(q, k, v), direction, [q, k, v], grad_out,
+                           **fields)
 
-    ref_out, ref_w = mha_math()
-    out, w = mmattn.cross_attention(q, k, v, return_weights=True)
-    torch.testing.assert_close(w, ref_w, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out, ref_out.view(b, h, lq, d), rtol=1e-4, atol=1e-5)
-    anchor, ours = paired_ms(mha_math,
-                             lambda: mmattn.cross_attention(q, k, v, return_weights=True),
-                             repeats)
-    table.add(f"return_weights {shape}", "MHA need_weights math (bmm, softmax, bmm)", anchor,
-              ours, ">= 1.5x", "per-head weights")
+    impls = mmattn_impls(
+        selection,
+        lambda backend: (lambda q, k, v: mmattn.cross_attention(q, k, v, scale=scale,
+                                                                backend=backend)),
+        make)
+    for label, backend in _sdpa_backends(device):
+        impls.append(make(f"SDPA[{label}]", "anchor",
+                          lambda q, k, v, backend=backend: sdpa(q, k, v, scale, backend)))
+    impls.append(make("naive matmul-softmax", "anchor",
+                      lambda q, k, v: naive(q, k, v, scale)))
+    for name, fn, reason in third_party(*base, scale):
+        impls.append(make(name, "anchor", fn, skip=reason))
 
+    oracle = oracle_dtype(device)
 
-def _flex(q, k, v, layout: torch.Tensor, block: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    def reference() -> list[Tensor]:
+        leaves = leaves_like([t.to(oracle) for t in base], need_grad)
+        impl = directional(
+            "reference", "mmattn",
+            lambda: mmattn.cross_attention(*leaves, scale=scale, backend="reference"),
+            direction, leaves, None if grad_out is None else grad_out.to(oracle))
+        return [t.detach() for t in impl.check()]  # type: ignore[union-attr]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return layout[q_idx // block, kv_idx // block]
-
-    length = q.shape[2]
-    flex_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu",
-                                  BLOCK_SIZE=block)
-    compiled = torch.compile(flex_attention)
-    # Cold compile: inductor's on-disk caches would hide it on a second run.
-    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "dynamo_pgo force disabled"
-        start = time.perf_counter()
-        out = compiled(q, k, v, block_mask=flex_mask)
-        compile_s = time.perf_counter() - start
-    return (lambda: compiled(q, k, v, block_mask=flex_mask)), out, compile_s
-
-
-def sparse_cases(table: Table, repeats: int, with_flex: bool) -> None:
-    b, h, length, d, block, seed = SPARSE
-    q, k, v = _qkv(b, h, length, length, d)
-    block_mask = BlockMask.random(length, block, 0.8, seed=seed)
-    density = block_mask.density
-    shape = f"B{b} H{h} L{length} D{d} block{block} density {density:.3f}"
-
-    start = time.perf_counter()
-    ours_out = mmattn.cross_attention(q, k, v, block_mask=block_mask)
-    first_call_s = time.perf_counter() - start
-    dense = block_mask.to_dense()
-    torch.testing.assert_close(
-        ours_out, mmattn.cross_attention(q, k, v, attn_mask=dense, backend="reference"),
-        rtol=1e-4, atol=1e-5)
-
-    ours_dense, ours = paired_ms(
-        lambda: mmattn.cross_attention(q, k, v),
-        lambda: mmattn.cross_attention(q, k, v, block_mask=block_mask), repeats)
-    sdpa_dense, sdpa_masked = paired_ms(
-        lambda: F.scaled_dot_product_attention(q, k, v),
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), repeats, rounds=1)
-    table.add(f"block-sparse fwd {shape}", "1.2 x density x mmattn dense",
-              1.2 * density * ours_dense, ours, "speedup >= 1.0",
-              f"mmattn dense {ours_dense:.1f} ms; SDPA dense {sdpa_dense:.1f} ms, "
-              f"SDPA + bool mask {sdpa_masked:.1f} ms; our first call {first_call_s:.2f} s")
-    if with_flex:
-        flex_fn, flex_out, compile_s = _flex(q, k, v, block_mask.layout[0, 0], block)
-        empty_rows = ~dense.any(-1)  # Flex returns 0 there too, but check visible rows only
-        torch.testing.assert_close(ours_out[..., ~empty_rows[0, 0], :],
-                                   flex_out[..., ~empty_rows[0, 0], :], rtol=1e-4, atol=1e-4)
-        flex, ours = paired_ms(
-            flex_fn, lambda: mmattn.cross_attention(q, k, v, block_mask=block_mask), repeats)
-        table.add(f"block-sparse fwd {shape}", "compiled FlexAttention, same layout", flex,
-                  ours, ">= 1.3x",
-                  f"Flex compile + first call {compile_s:.1f} s; ours {first_call_s:.2f} s")
-
-
-_MEMORY_SCRIPT = r"""
-import json, sys, time
-import torch
-import torch.nn.functional as F
-import mmattn
-
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-torch.set_num_threads(int(sys.argv[2]))
-n = int(sys.argv[3])
-q, k, v = (torch.randn(1, 1, n, 64, requires_grad=True) for _ in range(3))
-grad = torch.randn(1, 1, n, 64)
-attend = {"mmattn": mmattn.cross_attention, "sdpa": F.scaled_dot_product_attention}[sys.argv[1]]
-attend(q[:, :, :64], k[:, :, :64], v[:, :, :64]).sum().backward()  # load kernels, warm up
-q.grad = k.grad = v.grad = None
-with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
-    f.write("5")
-before = status_kb("VmRSS")
-start = time.perf_counter()
-attend(q, k, v).backward(grad)
-seconds = time.perf_counter() - start
-print(json.dumps({"peak_mb": (status_kb("VmHWM") - before) / 1024, "ms": seconds * 1e3}))
-"""
-
-
-def _memory_run(which: str) -> dict[str, float]:
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, which, str(THREADS), str(MEMORY_L)],
-        capture_output=True, text=True, check=True, timeout=900)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def memory_case(table: Table) -> None:
-    ours, sdpa = _memory_run("mmattn"), _memory_run("sdpa")
-    matrix_mb = MEMORY_L * MEMORY_L * 4 / 2**20
-    table.add(f"memory fwd+bwd Lq=Lk={MEMORY_L} B1 H1 D64", "SDPA fwd+bwd", sdpa["ms"],
-              ours["ms"], "peak growth: a few 100 MB",
-              f"peak RSS growth: mmattn {ours['peak_mb']:.0f} MB, SDPA {sdpa['peak_mb']:.0f} MB "
-              f"(one Lq x Lk fp32 matrix: {matrix_mb:.0f} MB)")
-
-
-def main(quick: bool = False) -> Path | None:
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    repeats = 3 if quick else 10
-    table = Table(f"CPU attention, float32, {THREADS} threads, kernels: "
-                  f"{cpu_backend.kernel_isa()}")
-    dense_cases(table, repeats)
-    sparse_cases(table, repeats, with_flex=not quick)
-    if not quick:
-        memory_case(table)
-    print(table.render())
-    if quick:  # a quick run does not overwrite the committed full results
-        return None
-    path = table.write("attention_cpu")
-    print(f"\nwritten: {path}")
-    return path
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="3 repeats, no FlexAttention compile, no memory run")
-    main(quick=parser.parse_args().quick)
+    flops = 2.0 * b * hq * lq * lk * (d + d) * FLOP_FACTOR[direction]
+    return Built(impls, reference, flops=flops)

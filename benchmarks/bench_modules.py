@@ -1,241 +1,224 @@
-"""CPU modules: mmattn.nn against the modules they replace, anchors timed in the same run.
+"""``mmattn.nn`` modules against the modules they replace, same weights, same inputs.
 
-Cases (float32; modules in training mode with dropout 0 unless noted):
+Cases (float32; whole module calls, projections included):
 
-* ``MultiheadAttention`` at seed-like tiny size, E64 H4 B2 L8 self-attention: forward
-  (``need_weights`` True and False), forward+backward, and inference (eval, no autograd,
-  where PyTorch takes its native fast path); anchor ``nn.MultiheadAttention``;
-* the module path alone at that size: mmattn's ``MultiheadAttention`` with the attention
-  op swapped for ``F.scaled_dot_product_attention`` against ``nn.MultiheadAttention``
-  (``need_weights=False``), i.e. the cost of the module code itself (projections,
-  head views, mask handling), without mmattn's op and backends;
-* ``MultiheadAttention`` at DESIGN's anchor, query B4 L256, key/value L1024, E512 H8,
-  ``need_weights=True``;
-* seed 000's ``CrossModalAttention`` at B8 Lq64 Lk197 E768 H12, forward and
-  forward+backward, eval mode (dropout off: the reference backend draws dropout masks
-  with PyTorch integer ops, far slower than a kernel); anchor the seed's module;
-* seed 004's ``SparseAttention``, (B*H)=16 L2048 D64, block 64, keep ~0.2, same random
-  blocks (same ``torch.manual_seed``); anchor the seed's module (full run only);
-* the attention part alone, the op the modules call (``mmattn.attention.attend``, the
-  pre-validated entry), at the tiny MHA shape (train-mode forward with weights,
-  forward+backward, inference) and seed 000's VQA shape; anchor what the replaced
-  module computes there: ``bmm, softmax, bmm`` with the weights (target >= 1.5x);
-* decoding: ``MultiheadAttention`` cross-attention of one new query token over
-  Lk=4096 memory tokens, B = H = 1, 2, 4, E = 64 H, inference ``need_weights=False``
-  (as ``nn.TransformerDecoderLayer`` calls it).
+- ``nn.MultiheadAttention`` at a seed-like tiny size, E64 H4 B2 L8 self-attention:
+  forward with ``need_weights`` True and False and forward+backward (training mode, autograd
+  on), inference (eval, no autograd: PyTorch's native fast path), and a diagnostic,
+  "module path only": mmattn's module with its attention op replaced by SDPA, against
+  ``nn.MultiheadAttention(need_weights=False)``, the cost of the module code alone;
+- ``nn.MultiheadAttention`` at DESIGN's anchor, query B4 L256, key/value L1024, E512 H8,
+  ``need_weights=True``, no autograd;
+- seed 000's ``CrossModalAttention`` at the VQA shape B8 Lq64 Lk197 E768 H12, forward (no
+  autograd) and forward+backward, eval mode (dropout off in both);
+- seed 004's ``SparseAttention``, (B*H)16 L2048 D64, block 64, keep ~0.2, the same random
+  blocks (``torch.manual_seed(0)`` before every call of either module);
+- seed 002's ``WSMultiModalFusion`` at its own size (3 x 64 features, k=6, batch 8),
+  forward and forward+backward.
 
-Run: ``python benchmarks/bench_modules.py [--quick]`` (or ``python -m mmattn.bench --only
-modules``); a full run writes ``benchmarks/results/modules_cpu.{csv,md}``.
+mmattn's module runs on each backend under ``mmattn.use_backend``. The reference is
+mmattn's module on the reference backend in float64 (CPU); forward+backward compares the
+output and the input gradients.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import copy
 import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import Table, time_ms
-from torch import nn
+from torch import Tensor, nn
 
 import mmattn
-import mmattn.nn.attention as mmattn_attention
+from benchmarks.core import REPO, Built, Case, Impl, Selection, backend_skip, directional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import seed_models
+FAMILY = "modules"
+OPS = ("modules.fwd", "modules.fwd+bwd", "modules.inference")
+
+_TINY = {"module": "MultiheadAttention", "E": 64, "H": 4, "B": 2, "Lq": 8, "Lk": 8}
+_ANCHOR_MHA = {"module": "MultiheadAttention", "E": 512, "H": 8, "B": 4, "Lq": 256,
+               "Lk": 1024, "need_weights": True}
+_SEED000 = {"module": "seed 000 CrossModalAttention", "E": 768, "H": 12, "B": 8, "Lq": 64,
+            "Lk": 197}
+_SEED004 = {"module": "seed 004 SparseAttention", "BH": 16, "L": 2048, "D": 64, "block": 64,
+            "sparsity": 0.8}
+_SEED002 = {"module": "seed 002 WSMultiModalFusion", "modalities": 3, "features": 64, "k": 6,
+            "beta": 0.3, "batch": 8}
+
+
+def _specs(preset: str) -> list[tuple[str, dict[str, Any], bool]]:
+    """(op, params, headline) of a preset."""
+    tiny = [("modules.fwd", {**_TINY, "need_weights": True}, True),
+            ("modules.fwd", {**_TINY, "need_weights": False}, False),
+            ("modules.fwd+bwd", {**_TINY, "need_weights": True}, False),
+            ("modules.inference", {**_TINY, "need_weights": True}, False)]
+    path_only = [("modules.fwd", {**_TINY, "need_weights": False, "op": "sdpa"}, False)]
+    seed000 = [("modules.inference", _SEED000, True), ("modules.fwd+bwd", _SEED000, True)]
+    seed002 = [("modules.inference", _SEED002, True), ("modules.fwd+bwd", _SEED002, False)]
+    if preset == "smoke":
+        return [*tiny[:1], tiny[2], *path_only, seed002[0]]
+    if preset == "quick":
+        return [*tiny, *path_only, seed000[0], seed002[0]]
+    return [*tiny, *path_only, ("modules.inference", _ANCHOR_MHA, False), *seed000,
+            ("modules.inference", _SEED004, False), *seed002]
+
+
+def _label(op: str, p: dict[str, Any]) -> str:
+    module = p["module"]
+    if module == "MultiheadAttention":
+        shape = (f"MHA E{p['E']} H{p['H']} B{p['B']} " +
+                 (f"L{p['Lq']} self" if p["Lq"] == p["Lk"] else f"Lq{p['Lq']} Lk{p['Lk']}"))
+        extra = f" need_weights={p['need_weights']}"
+        if p.get("op") == "sdpa":
+            extra += ", module path only (op -> SDPA)"
+    elif module.startswith("seed 000"):
+        shape, extra = f"{module} B{p['B']} Lq{p['Lq']} Lk{p['Lk']} E{p['E']} H{p['H']}", ""
+    elif module.startswith("seed 004"):
+        shape = (f"{module} (B*H){p['BH']} L{p['L']} D{p['D']} block{p['block']} "
+                 f"keep~{1 - p['sparsity']:.1f}")
+        extra = ""
+    else:
+        shape = (f"{module} {p['modalities']}x{p['features']} k{p['k']} "
+                 f"batch{p['batch']}")
+        extra = ""
+    mode = {"modules.fwd": "fwd (train, autograd)", "modules.fwd+bwd": "fwd+bwd",
+            "modules.inference": "fwd (eval, no grad)"}[op]
+    return f"{shape}{extra}: {mode}"
+
+
+def cases(selection: Selection) -> list[Case]:
+    return [Case(FAMILY, op, dict(params), _label(op, params), ["modules"], headline)
+            for op, params, headline in _specs(selection.preset.name)]
+
+
+def _seed_models() -> Any:
+    path = str(REPO / "examples")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import seed_models
+
+    return seed_models
 
 
 @contextlib.contextmanager
-def _attention_op_is_sdpa() -> Iterator[None]:
-    """Swap the op the modules call for SDPA, to time the module code alone."""
-    real = mmattn_attention.attend
+def _op_is_sdpa() -> Iterator[None]:
+    """mmattn's modules call SDPA instead of mmattn's op (the "module path only" case)."""
+    import mmattn.nn.attention as module
 
-    def sdpa(q, k, v, *_args, **_kwargs):
-        return F.scaled_dot_product_attention(q, k, v), None
+    real = module.cross_attention
 
-    mmattn_attention.attend = sdpa
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, **_kwargs: Any) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    module.cross_attention = sdpa
     try:
         yield
     finally:
-        mmattn_attention.attend = real
+        module.cross_attention = real
 
 
-def _pair(*args, **kwargs) -> tuple[nn.MultiheadAttention, mmattn.nn.MultiheadAttention]:
-    theirs = nn.MultiheadAttention(*args, **kwargs)
-    ours = mmattn.nn.MultiheadAttention(*args, **kwargs)
+def _pair(p: dict[str, Any]) -> tuple[str, nn.Module, nn.Module, list[Tensor],
+                                      Callable[[nn.Module, list[Tensor]], Tensor]]:
+    """(anchor name, anchor module, mmattn module with its weights, inputs, call)."""
+    module = p["module"]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if module == "MultiheadAttention":
+        theirs = nn.MultiheadAttention(p["E"], p["H"], batch_first=True)
+        ours = mmattn.nn.MultiheadAttention(p["E"], p["H"], batch_first=True)
+        ours.load_state_dict(theirs.state_dict())
+        query = torch.randn(p["B"], p["Lq"], p["E"], generator=gen)
+        memory = query if p["Lq"] == p["Lk"] else torch.randn(p["B"], p["Lk"], p["E"],
+                                                              generator=gen)
+        need = p["need_weights"]
+        inputs = [query] if memory is query else [query, memory]
+
+        def call(m: nn.Module, x: list[Tensor]) -> Tensor:
+            kv = x[0] if len(x) == 1 else x[1]
+            return m(x[0], kv, kv, need_weights=need)[0]
+        return "nn.MultiheadAttention", theirs, ours, inputs, call
+    seeds = _seed_models()
+    if module.startswith("seed 000"):
+        e = p["E"]
+        theirs = seeds.CrossModalAttention(e, e, e, p["H"]).eval()
+        ours = mmattn.nn.CrossModalAttention(e, e, e, p["H"]).eval()
+        ours.load_state_dict(theirs.state_dict())
+        inputs = [torch.randn(p["B"], p["Lq"], e, generator=gen),
+                  torch.randn(p["B"], p["Lk"], e, generator=gen)]
+        return ("seed 000 CrossModalAttention", theirs, ours, inputs,
+                lambda m, x: m(x[0], x[1], x[1])[0])
+    if module.startswith("seed 004"):
+        theirs = seeds.SparseAttention(p["block"], p["sparsity"])
+        ours = mmattn.nn.BlockSparseAttention(p["block"], p["sparsity"])
+        inputs = [torch.randn(p["BH"], p["L"], p["D"], generator=gen) for _ in range(3)]
+
+        def call(m: nn.Module, x: list[Tensor]) -> Tensor:
+            torch.manual_seed(0)  # the same random blocks in both modules
+            return m(*x)
+        return "seed 004 SparseAttention", theirs, ours, inputs, call
+    theirs = seeds.WSMultiModalFusion(p["modalities"], p["features"], p["k"], p["beta"])
+    ours = mmattn.nn.WSMultiModalFusion(p["modalities"], p["features"], p["k"], p["beta"])
     ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
+    inputs = [torch.randn(p["batch"], p["features"], generator=gen)
+              for _ in range(p["modalities"])]
+    return "seed 002 WSMultiModalFusion", theirs, ours, inputs, lambda m, x: m(list(x))
 
 
-def tiny_mha(table: Table, repeats: int) -> None:
-    theirs, ours = _pair(64, 4, batch_first=True)
-    x = torch.randn(2, 8, 64, requires_grad=True)
-    torch.testing.assert_close(ours(x, x, x)[0], theirs(x, x, x)[0])
-    case = "MHA E64 H4 B2 L8 self"
-    for label, call in (
-        ("fwd need_weights=True", lambda m: m(x, x, x)),
-        ("fwd need_weights=False", lambda m: m(x, x, x, need_weights=False)),
-        ("fwd+bwd", lambda m: m(x, x, x)[0].sum().backward()),
-    ):
-        anchor = time_ms(lambda call=call: call(theirs), repeats=repeats, warmup=20)
-        mine = time_ms(lambda call=call: call(ours), repeats=repeats, warmup=20)
-        table.add(f"{case} {label}", "nn.MultiheadAttention", anchor, mine, ">= 1.0x")
-    theirs.eval()
-    ours.eval()
+def build(case: Case, selection: Selection) -> Built:
+    p, device = case.params, selection.device
+    anchor, theirs, ours, inputs, call = _pair(p)
+    theirs, ours = theirs.to(device), ours.to(device)
+    inputs = [x.to(device) for x in inputs]
+    mode = case.op.split(".", 1)[1]
+    direction = "fwd+bwd" if mode == "fwd+bwd" else "fwd"
+    grad_inputs = mode != "inference"  # training-mode forward builds the autograd graph
+    if mode == "inference":
+        theirs.eval()
+        ours.eval()
+        anchor += " (native fast path)" if p["module"] == "MultiheadAttention" else ""
     with torch.no_grad():
-        anchor = time_ms(lambda: theirs(x, x, x), repeats=repeats, warmup=20)
-        mine = time_ms(lambda: ours(x, x, x), repeats=repeats, warmup=20)
-    table.add(f"{case} inference (eval, no grad)", "nn.MultiheadAttention (native fast path)",
-              anchor, mine, ">= 1.0x")
-    theirs.train()
-    ours.train()
-    with _attention_op_is_sdpa():
-        anchor = time_ms(lambda: theirs(x, x, x, need_weights=False), repeats=repeats,
-                         warmup=20)
-        mine = time_ms(lambda: ours(x, x, x, need_weights=False), repeats=repeats, warmup=20)
-    table.add(f"{case} module path only", "nn.MultiheadAttention need_weights=False", anchor,
-              mine, ">= 1.0x", "diagnostic: mmattn's op replaced by SDPA")
+        grad_out = torch.ones_like(call(theirs, inputs)) if direction == "fwd+bwd" else None
 
+    def make(name: str, kind: str, module: nn.Module, context: Callable[[], Any],
+             **fields: Any) -> Impl:
+        leaves = [x.detach().clone().requires_grad_(grad_inputs) for x in inputs]
 
-def anchor_mha(table: Table, repeats: int) -> None:
-    theirs, ours = _pair(512, 8, batch_first=True)
-    query, memory = torch.randn(4, 256, 512), torch.randn(4, 1024, 512)
-    with torch.no_grad():
-        anchor = time_ms(lambda: theirs(query, memory, memory), repeats=repeats)
-        mine = time_ms(lambda: ours(query, memory, memory), repeats=repeats)
-    table.add("MHA Lq256 Lk1024 E512 H8 B4 need_weights=True fwd", "nn.MultiheadAttention",
-              anchor, mine, ">= 1.0x")
+        def forward() -> Tensor:
+            with context(), (torch.no_grad() if mode == "inference"
+                             else contextlib.nullcontext()):
+                if direction == "fwd+bwd":
+                    module.zero_grad(set_to_none=True)
+                return call(module, leaves)
+        return directional(name, kind, forward, direction,
+                           leaves if direction == "fwd+bwd" else [], grad_out, **fields)
 
+    impls = [make(anchor, "anchor", theirs, contextlib.nullcontext)]
+    if p.get("op") == "sdpa":
+        impls.append(make("mmattn.nn (op -> SDPA)", "mmattn", ours, _op_is_sdpa,
+                          note="diagnostic: the module code without mmattn's op"))
+    else:
+        for backend in selection.backends:
+            impl = make(f"mmattn[{backend}]", "mmattn", ours,
+                        lambda backend=backend: mmattn.use_backend(backend), backend=backend)
+            impl.skip = backend_skip(backend, device)
+            impls.append(impl)
 
-def seed_cross_modal(table: Table, repeats: int) -> None:
-    seed = seed_models.CrossModalAttention(768, 768, 768, 12).eval()
-    ours = mmattn.nn.CrossModalAttention(768, 768, 768, 12).eval()
-    ours.load_state_dict(seed.state_dict())
-    query = torch.randn(8, 64, 768, requires_grad=True)
-    memory = torch.randn(8, 197, 768, requires_grad=True)
-    case = "seed 000 CrossModalAttention B8 Lq64 Lk197 E768 H12"
-    with torch.no_grad():
-        anchor = time_ms(lambda: seed(query, memory, memory), repeats=repeats)
-        mine = time_ms(lambda: ours(query, memory, memory), repeats=repeats)
-    table.add(f"{case} fwd", "seed module", anchor, mine, ">= 1.0x", "eval (dropout off)")
+    oracle = torch.float64 if device == "cpu" else torch.float32
 
-    def step(module: nn.Module) -> None:
-        out, _weights = module(query, memory, memory)
-        out.sum().backward()
+    def reference() -> list[Tensor]:
+        model = copy.deepcopy(ours).to(oracle)
+        leaves = [x.detach().to(oracle).requires_grad_(direction == "fwd+bwd") for x in inputs]
 
-    anchor = time_ms(lambda: step(seed), repeats=repeats)
-    mine = time_ms(lambda: step(ours), repeats=repeats)
-    table.add(f"{case} fwd+bwd", "seed module", anchor, mine, ">= 1.0x", "eval (dropout off)")
+        def forward() -> Tensor:
+            with mmattn.use_backend("reference"):
+                return call(model, leaves)
+        impl = directional("reference", "mmattn", forward, direction,
+                           leaves if direction == "fwd+bwd" else [],
+                           None if grad_out is None else grad_out.to(oracle))
+        return [t.detach() for t in impl.check()]  # type: ignore[union-attr]
 
-
-def seed_sparse(table: Table, repeats: int) -> None:
-    seed, ours = seed_models.SparseAttention(64, 0.8), mmattn.nn.BlockSparseAttention(64, 0.8)
-    q, k, v = (torch.randn(16, 2048, 64) for _ in range(3))
-
-    def call(module: nn.Module) -> None:
-        torch.manual_seed(0)  # the same random blocks in both modules
-        module(q, k, v)
-
-    with torch.no_grad():
-        anchor = time_ms(lambda: call(seed), repeats=repeats)
-        mine = time_ms(lambda: call(ours), repeats=repeats)
-    table.add("seed 004 SparseAttention (B*H)16 L2048 D64 block64 keep~0.2 fwd", "seed module",
-              anchor, mine, ">= 1.0x")
-
-
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention nn.MultiheadAttention (need_weights=True) and seed 000 compute:
-    scores, softmax, weights @ v."""
-    weights = torch.softmax(torch.matmul(q * scale, k.transpose(-2, -1)), dim=-1)
-    return torch.matmul(weights, v), weights
-
-
-def _attention_part(table: Table, case: str, shape: tuple[int, ...], repeats: int) -> None:
-    b, h, lq, lk, d = shape
-    # heads as strided views of (B, L, E) projections, as the modules produce them
-    q = torch.randn(b, lq, h, d).transpose(1, 2).requires_grad_()
-    k = torch.randn(b, lk, h, d).transpose(1, 2).requires_grad_()
-    v = torch.randn(b, lk, h, d).transpose(1, 2).requires_grad_()
-    scale = d ** -0.5
-
-    def ours() -> tuple[torch.Tensor, torch.Tensor]:
-        return mmattn_attention.attend(q, k, v, None, None, False, 0.0, scale, True)
-
-    def theirs() -> tuple[torch.Tensor, torch.Tensor]:
-        return _math_attention(q, k, v, scale)
-
-    def step(fn) -> None:
-        out, _weights = fn()
-        out.sum().backward()
-
-    torch.testing.assert_close(ours()[0], theirs()[0], rtol=1e-4, atol=1e-5)
-    anchor = "bmm, softmax, bmm (need_weights math)"
-    table.add(f"{case} fwd with weights", anchor, time_ms(theirs, repeats=repeats, warmup=3),
-              time_ms(ours, repeats=repeats, warmup=3), ">= 1.5x",
-              "mmattn.attention.attend: the modules' entry")
-    table.add(f"{case} fwd+bwd", anchor, time_ms(lambda: step(theirs), repeats=repeats,
-                                                 warmup=3),
-              time_ms(lambda: step(ours), repeats=repeats, warmup=3), ">= 1.5x")
-    with torch.no_grad():
-        table.add(f"{case} inference (no grad)", anchor,
-                  time_ms(theirs, repeats=repeats, warmup=3),
-                  time_ms(ours, repeats=repeats, warmup=3), ">= 1.5x")
-
-
-def attention_parts(table: Table, repeats: int, quick: bool) -> None:
-    """The attention alone: mmattn's module entry against the math it replaces."""
-    _attention_part(table, "MHA E64 H4 B2 L8 attention part", (2, 4, 8, 8, 16), repeats)
-    if not quick:
-        _attention_part(table, "seed 000 VQA B8 H12 Lq64 Lk197 attention part",
-                        (8, 12, 64, 197, 64), max(3, repeats // 20))
-
-
-def _decode_row(table: Table, heads: int, repeats: int) -> None:
-    batch, embed = heads, 64 * heads
-    theirs, ours = _pair(embed, heads, batch_first=True)
-    theirs.eval()
-    ours.eval()
-    query, memory = torch.randn(batch, 1, embed), torch.randn(batch, 4096, embed)
-
-    def call(module: nn.Module) -> torch.Tensor:
-        return module(query, memory, memory, need_weights=False)[0]
-
-    with torch.no_grad():
-        torch.testing.assert_close(call(ours), call(theirs), rtol=1e-4, atol=1e-5)
-        anchor = time_ms(lambda: call(theirs), repeats=repeats, warmup=3)
-        mine = time_ms(lambda: call(ours), repeats=repeats, warmup=3)
-    table.add(f"MHA decode Lq1 Lk4096 B{batch} H{heads} E{embed} inference",
-              "nn.MultiheadAttention", anchor, mine, ">= 1.0x",
-              "need_weights=False; the memory projection dominates")
-
-
-def decoding(table: Table, repeats: int, quick: bool) -> None:
-    """One new query token cross-attending Lk=4096 memory tokens (captioning / VQA
-    decoders), inference, as nn.TransformerDecoderLayer calls it (need_weights=False)."""
-    for heads in ((1, 4) if quick else (1, 2, 4)):
-        _decode_row(table, heads, repeats)
-
-
-def main(quick: bool = False) -> Table:
-    table = Table("mmattn.nn modules vs the modules they replace (CPU, float32)")
-    tiny_mha(table, repeats=50 if quick else 200)
-    seed_cross_modal(table, repeats=3 if quick else 10)
-    attention_parts(table, repeats=50 if quick else 200, quick=quick)
-    decoding(table, repeats=5 if quick else 20, quick=quick)
-    if not quick:
-        anchor_mha(table, repeats=5)
-        seed_sparse(table, repeats=3)
-    print(table.render())
-    if not quick:  # a quick run measures a subset: it does not replace the results
-        print(f"written: {table.write('modules_cpu')}")
-    return table
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    main(quick=parser.parse_args().quick)
+    return Built(impls, reference)

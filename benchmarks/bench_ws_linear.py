@@ -1,232 +1,248 @@
-"""WS-masked sparse linear on CPU: mmattn's C++ kernels against PyTorch, same run.
+"""``ws_linear``: ``y = x @ (W * M)^T`` over a Watts-Strogatz layout, against dense masked
+``F.linear`` and ``torch.sparse``, forward and forward+backward.
 
-Shapes (DESIGN): n = 3072 features as 3 modalities x 1024, Watts-Strogatz k=6, beta=0.3,
-batch 256, float32; and seed 002's own size (3 x 64 features, k=6, batch 8).
+Anchors (each built from the same kept weights):
 
-Rows:
-* forward: ``mmattn.ws_linear`` vs the fastest ``torch.sparse`` form found in the run
-  (``torch.sparse.mm(W_csr, x.T)``, ``W_csr @ x.T``, ``x @ W_csr.T`` and the COO
-  ``torch.sparse.mm(W_coo, x.T.contiguous())`` are timed; y comes back as the transposed
-  view where the form gives ``(out, batch)``), and vs dense ``F.linear(x, W * M)``;
-* forward+backward: vs dense ``F.linear(x, W * M)`` fwd+bwd (gradients for x and W);
-* block 32: the same number of stored weights as the element layout, as 32 x 32 blocks
-  (a WS graph over the 96 x 96 block grid keeps >= 2 blocks per row, 10x denser, so the
-  same-density layout has round(nnz / 32^2) = 18 blocks placed at random, seeded); the
-  WS block graph with k=2 (density 2.1%) is reported too;
-* seed size: seed 002's ``WSMultiModalFusion`` (dense ``weight * mask``) vs
-  ``mmattn.nn.WSMultiModalFusion`` holding the same weights, whole module calls.
+- ``dense masked F.linear``: ``F.linear(x, W * M)``, what seed 002 runs (the mask multiply
+  is part of every call, as in training);
+- ``torch.sparse CSR`` / ``COO``: ``torch.sparse.mm(W_sparse, x.T).T``; with gradients the
+  sparse matrix is rebuilt from its kept values each call (``sparse_csr_tensor`` /
+  ``sparse_coo_tensor``), as a layer storing only those values must (element layouts);
+- ``torch.sparse BSR`` (block layouts) and, on CUDA, ``torch.sparse BSR (Triton)``
+  (``torch.sparse._triton_ops.bsr_dense_mm``).
 
-Timing: every case alternates anchor and mmattn over several rounds; each round takes
-the median of ``repeats`` calls, and a case reports the best round of each. On a shared
-machine this keeps a burst of load on other cores from landing on one side only.
-Microsecond cases time loops of calls. Writes ``results/ws_linear_cpu.{csv,md}``.
-
-Usage: ``python benchmarks/bench_ws_linear.py [--quick]``
+Sweeps: ``n`` (square ``n x n``), ``density`` (through ``k``, neighbours per row),
+``beta`` (rewiring), ``block`` size (at one density, ~1/12: ``k = n / (12 block)``),
+``batch`` and ``dtype``. FLOPs: ``2 batch P`` forward, ``6 batch P`` forward+backward
+(``P`` kept weights). Bytes (the least a kernel moves; element size ``s``, index bytes
+``I = 4 (nnz + rows + 1)``): forward ``s (batch n_in + batch n_out + P) + I``;
+forward+backward adds ``dx = dy W`` (``s (batch n_out + P + batch n_in) + I``) and
+``dW = dy^T x`` at the kept entries (``s (batch n_out + batch n_in + P) + I``).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from collections.abc import Callable
-from pathlib import Path
+import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Table, time_ms
+from torch import Tensor
 
 import mmattn
-from mmattn.layout import SparseLayout
-from mmattn.nn import WSMultiModalFusion
+from benchmarks.core import (
+    DTYPES,
+    Built,
+    Case,
+    Impl,
+    Selection,
+    direction_of,
+    directional,
+    leaves_like,
+    mmattn_impls,
+    oracle_dtype,
+    randn,
+    shape_label,
+)
 
-MODALITIES, FEATURES, K, BETA, BATCH, BLOCK = 3, 1024, 6, 0.3, 256, 32
-SEED_FEATURES, SEED_BATCH = 64, 8
+# torch.sparse's notices, once per process, would interleave with the progress bar
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+FAMILY = "ws_linear"
+OPS = ("ws_linear.fwd", "ws_linear.fwd+bwd")
+KEYS = ("n", "k", "beta", "block", "batch", "dtype")
+
+_TRAIN = ("fwd", "fwd+bwd")
+_CPU_BASE = {"n": 3072, "k": 6, "beta": 0.3, "block": 1, "batch": 256, "dtype": "float32"}
+_CUDA_BASE = {"n": 12288, "k": 24, "beta": 0.3, "block": 1, "batch": 4096,
+              "dtype": "bfloat16"}
+SWEEPS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cpu", "smoke"): {
+        "base": {"n": 96, "k": 6, "beta": 0.3, "block": 1, "batch": 8, "dtype": "float32"},
+        "density": ([6, 24], _TRAIN), "block": ([1, 16], ("fwd",)), "headline": _TRAIN,
+    },
+    ("cpu", "quick"): {"base": _CPU_BASE, "headline": _TRAIN},
+    ("cpu", "default"): {
+        "base": _CPU_BASE, "n": ([768, 3072, 6144], _TRAIN),
+        "density": ([6, 30, 154, 308, 768, 1536], _TRAIN), "beta": ([0.0, 0.3, 1.0], ("fwd",)),
+        "block": ([1, 16, 32, 64], _TRAIN), "batch": ([1, 32, 256, 2048], _TRAIN),
+        "dtype": (["float32", "bfloat16", "float16"], _TRAIN), "headline": _TRAIN,
+    },
+    ("cpu", "full"): {
+        "base": _CPU_BASE, "n": ([768, 3072, 6144, 12288], _TRAIN),
+        "density": ([6, 30, 154, 308, 768, 1536], _TRAIN), "beta": ([0.0, 0.3, 1.0], _TRAIN),
+        "block": ([1, 8, 16, 32, 64], _TRAIN), "batch": ([1, 8, 64, 256, 1024, 4096], _TRAIN),
+        "dtype": (["float32", "bfloat16", "float16"], _TRAIN), "headline": _TRAIN,
+    },
+    ("cuda", "smoke"): {
+        "base": {"n": 768, "k": 6, "beta": 0.3, "block": 1, "batch": 64, "dtype": "bfloat16"},
+        "density": ([6, 24], _TRAIN), "block": ([1, 32], ("fwd",)), "headline": _TRAIN,
+    },
+    ("cuda", "quick"): {"base": _CUDA_BASE, "headline": _TRAIN},
+    ("cuda", "default"): {
+        "base": _CUDA_BASE, "n": ([3072, 12288, 24576], _TRAIN),
+        "density": ([24, 122, 614, 1228, 3072], _TRAIN), "beta": ([0.0, 0.3, 1.0], ("fwd",)),
+        "block": ([1, 16, 32, 64, 128], _TRAIN), "batch": ([64, 512, 4096, 16384], _TRAIN),
+        "dtype": (["bfloat16", "float16", "float32"], _TRAIN), "headline": _TRAIN,
+    },
+    ("cuda", "full"): {
+        "base": _CUDA_BASE, "n": ([3072, 12288, 24576, 49152], _TRAIN),
+        "density": ([24, 122, 614, 1228, 3072, 6144], _TRAIN),
+        "beta": ([0.0, 0.3, 1.0], _TRAIN), "block": ([1, 16, 32, 64, 128], _TRAIN),
+        "batch": ([1, 64, 512, 4096, 16384], _TRAIN),
+        "dtype": (["bfloat16", "float16", "float32"], _TRAIN), "headline": _TRAIN,
+    },
+}
 
 
-class SeedWSMultiModalFusion(nn.Module):
-    """Seed 002's module (dense weight, float mask, ``F.linear(cat, weight * mask)``); its
-    networkx mask is ``mmattn.watts_strogatz_mask(n, n, k, beta, seed=42)`` exactly
-    (tests/test_ws_modules.py checks this against networkx)."""
-
-    def __init__(self, n_modalities: int, features_per_modality: int, k: int,
-                 beta: float) -> None:
-        super().__init__()
-        total = n_modalities * features_per_modality
-        self.weight = nn.Parameter(torch.randn(total, total) * 0.01)
-        mask = mmattn.watts_strogatz_mask(total, total, k, beta, seed=42)
-        self.register_buffer("mask", mask.float())
-
-    def forward(self, features: list[Tensor]) -> Tensor:
-        return F.linear(torch.cat(features, dim=-1), self.weight * self.mask)
+def _block_k(n: int, block: int) -> int:
+    """Neighbours per block row giving density ~1/12 (even: networkx rounds odd k down)."""
+    return max(2, 2 * round(n / block / 12 / 2))
 
 
-def _best_of_rounds(fns: dict[str, Callable[[], object]], rounds: int, repeats: int,
-                    inner: int = 1) -> dict[str, float]:
-    """Best per-round median ms per call of each function, rounds alternating them."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if inner == 1:
-                ms = time_ms(fn, repeats=repeats, warmup=1)
+def cases(selection: Selection) -> list[Case]:
+    spec = SWEEPS.get((selection.device, selection.preset.name))
+    if spec is None:
+        return []
+    base = {**spec["base"], "dtype": selection.base_dtype(spec["base"]["dtype"])}
+
+    def case(direction: str, params: dict[str, Any], sweep: str | None,
+             headline: bool = False) -> Case:
+        return Case(FAMILY, f"{FAMILY}.{direction}", params, shape_label(params, KEYS),
+                    [sweep] if sweep else [], headline)
+
+    out = [case(d, dict(base), None, headline=True) for d in spec["headline"]]
+    for sweep, value in spec.items():
+        if sweep in ("base", "headline"):
+            continue
+        values, directions = value
+        if sweep == "dtype":
+            values = selection.dtype_sweep(values)
+        for v in values:
+            if sweep == "density":
+                params = {**base, "k": v}
+            elif sweep == "block":
+                params = {**base, "block": v, "k": _block_k(base["n"], v)}
             else:
-                def loop(fn=fn):
-                    for _ in range(inner):
-                        fn()
-                ms = time_ms(loop, repeats=repeats, warmup=1) / inner
-            best[name] = min(best[name], ms)
-    return best
+                params = {**base, sweep: v}
+            out.extend(case(d, params, sweep) for d in directions)
+    return out
 
 
-def _fwd_bwd(fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
-    def step() -> None:
-        for leaf in leaves:
-            leaf.grad = None
-        fn().sum().backward()
-    return step
+def kept_values(dense: Tensor, layout: mmattn.SparseLayout) -> Tensor:
+    """The entries (blocks) of ``dense`` that ``layout`` keeps, in CSR order: ``(nnz,)`` or
+    ``(nnz, bs, bs)`` (the layout of ``ws_linear``'s weight)."""
+    rows, cols = layout.row_indices.long(), layout.col_indices.long()
+    bs = layout.block_size
+    if bs == 1:
+        return dense[rows, cols]
+    n_out, n_in = dense.shape
+    blocks = dense.view(n_out // bs, bs, n_in // bs, bs).permute(0, 2, 1, 3)
+    return blocks[rows, cols]
 
 
-def _torch_sparse_forms(dense_masked: Tensor, x: Tensor) -> dict[str, Callable[[], Tensor]]:
-    csr = dense_masked.to_sparse_csr()
-    coo = dense_masked.to_sparse().coalesce()
-    x_t = x.T.contiguous()
-    return {
-        "torch.sparse.mm(W_csr, x.T)": lambda: torch.sparse.mm(csr, x.T).T,
-        "W_csr @ x.T": lambda: (csr @ x.T).T,
-        "x @ W_csr.T": lambda: x @ csr.t(),
-        "torch.sparse.mm(W_coo, x.T.contiguous())": lambda: torch.sparse.mm(coo, x_t).T,
-    }
-
-
-def _block_case(table: Table, name: str, layout: SparseLayout, x: Tensor, rounds: int,
-                repeats: int) -> None:
-    """Forward vs the fastest torch.sparse form and fwd+bwd vs dense, for a block layout."""
-    n = layout.out_features
-    values = torch.randn(layout.nnz, BLOCK, BLOCK) * 0.01
-    dense = mmattn.backends.reference.layout_to_dense_weight(values, layout.crow_indices,
-                                                    layout.col_indices, n, n, BLOCK)
-    forms = _torch_sparse_forms(dense, x)
-    torch.testing.assert_close(mmattn.ws_linear(x, values, layout), F.linear(x, dense),
-                               rtol=1e-4, atol=1e-4)
-    form_ms = _best_of_rounds(forms, 1, repeats)
-    fastest = min(form_ms, key=form_ms.get)
-    times = _best_of_rounds({"sparse": forms[fastest],
-                             "ours": lambda: mmattn.ws_linear(x, values, layout)},
-                            rounds, repeats)
-    note = f"{layout.nnz} blocks, density {layout.num_parameters / n**2:.4f}"
-    table.add(f"{name}, forward", f"torch.sparse: {fastest}", times["sparse"], times["ours"],
-              "reported", note)
-    x_g = x.clone().requires_grad_()
-    w_kept = values.clone().requires_grad_()
-    w_dense = dense.clone().requires_grad_()
-    times = _best_of_rounds({
-        "dense": _fwd_bwd(lambda: F.linear(x_g, w_dense), [x_g, w_dense]),
-        "ours": _fwd_bwd(lambda: mmattn.ws_linear(x_g, w_kept, layout), [x_g, w_kept]),
-    }, rounds, max(3, repeats // 2))
-    table.add(f"{name}, fwd+bwd", "dense F.linear(x, W*M) fwd+bwd", times["dense"],
-              times["ours"], "reported", note)
-
-
-def main(quick: bool = False) -> Table:
-    rounds, repeats = (2, 5) if quick else (8, 7)
-    torch.manual_seed(0)
-    n = MODALITIES * FEATURES
-    load = os.getloadavg()[0]  # other jobs on this machine slow both sides' thread joins
-    table = Table(f"ws_linear CPU: n={n} ({MODALITIES}x{FEATURES}), k={K}, beta={BETA}, "
-                  f"batch {BATCH}, float32 (1-min load average at start: {load:.1f})")
-
-    layout = SparseLayout.from_watts_strogatz(n, n, K, BETA, seed=42)
+def build(case: Case, selection: Selection) -> Built:
+    p, device = case.params, selection.device
+    direction = direction_of(case.op)
+    dtype = DTYPES[p["dtype"]]
+    n, bs, batch = p["n"], p["block"], p["batch"]
+    if n % bs:
+        raise ValueError(f"n ({n}) must be a multiple of the block size ({bs})")
+    layout = mmattn.SparseLayout.from_watts_strogatz(n, n, p["k"], p["beta"], seed=42,
+                                                     block_size=bs)
     mask = layout.to_dense()
-    dense = torch.randn(n, n) * 0.01
-    values = dense[mask].contiguous()  # row-major order == CSR order
-    mask_f = mask.float()
-    x = torch.randn(BATCH, n)
-    note = f"nnz={layout.nnz}, density={layout.nnz / n**2:.4f}"
+    dense = randn((n, n), torch.float32, "cpu", 5, scale=0.01) * mask
+    values = kept_values(dense, layout)
+    layout = layout.to(device)
+    mask_f = mask.to(device=device, dtype=dtype)
+    x0 = randn((batch, n), dtype, device, 6)
+    w0, dense0 = values.to(device=device, dtype=dtype), dense.to(device=device, dtype=dtype)
+    grad_out = randn((batch, n), dtype, device, 7) if direction != "fwd" else None
+    training = direction != "fwd"
 
-    # forward: the fastest torch.sparse form of this run, then the others
-    sparse_forms = _torch_sparse_forms(dense * mask_f, x)
-    reference = F.linear(x, dense * mask_f)
-    for form in sparse_forms.values():
-        torch.testing.assert_close(form(), reference, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(mmattn.ws_linear(x, values, layout), reference,
-                               rtol=1e-4, atol=1e-5)
-    form_ms = _best_of_rounds(sparse_forms, 1, repeats)
-    fastest = min(form_ms, key=form_ms.get)
-    times = _best_of_rounds({
-        "sparse": sparse_forms[fastest],
-        "ours": lambda: mmattn.ws_linear(x, values, layout),
-        "dense": lambda: F.linear(x, dense * mask_f),
-    }, rounds, repeats)
-    table.add("forward", f"torch.sparse: {fastest}", times["sparse"], times["ours"],
-              ">= 1.5x", note)
-    table.add("forward", "dense F.linear(x, W*M)", times["dense"], times["ours"], "", note)
+    def make(name: str, kind: str, fn: Any, weight: Tensor = w0,
+             to_kept: Any = None, **fields: Any) -> Impl:
+        x, w = leaves_like([x0, weight], training)
+        post = None
+        if to_kept is not None:  # compare the weight gradient at the kept entries
+            def post(outs: list[Tensor]) -> list[Tensor]:
+                return [*outs[:-1], to_kept(outs[-1])] if len(outs) == 3 else outs
+        return directional(name, kind, lambda: fn(x, w), direction, [x, w], grad_out,
+                           post=post, **fields)
 
-    # forward + backward against dense masked
-    x_g = x.clone().requires_grad_()
-    w_dense = dense.clone().requires_grad_()
-    w_kept = values.clone().requires_grad_()
-    fwd_bwd = {
-        "dense": _fwd_bwd(lambda: F.linear(x_g, w_dense * mask_f), [x_g, w_dense]),
-        "ours": _fwd_bwd(lambda: mmattn.ws_linear(x_g, w_kept, layout), [x_g, w_kept]),
-    }
-    times = _best_of_rounds(fwd_bwd, rounds, max(3, repeats // 2))
-    table.add("forward+backward", "dense F.linear(x, W*M) fwd+bwd", times["dense"],
-              times["ours"], ">= 20x", note)
+    impls = mmattn_impls(
+        selection,
+        lambda backend: (lambda x, w: mmattn.ws_linear(x, w, layout, backend=backend)),
+        make)
+    impls.append(make("dense masked F.linear", "anchor", lambda x, w: F.linear(x, w * mask_f),
+                      weight=dense0, to_kept=lambda g: kept_values(g, layout)))
+    impls += _torch_sparse(dense0, layout, w0, direction, make)
 
-    # the same on one thread: no fork-join, so load on the other core moves it least
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    oracle = oracle_dtype(device)
+
+    def reference() -> list[Tensor]:
+        x, w = leaves_like([x0.to(oracle), w0.to(oracle)], training)
+        impl = directional("reference", "mmattn",
+                           lambda: mmattn.ws_linear(x, w, layout, backend="reference"),
+                           direction, [x, w], None if grad_out is None else grad_out.to(oracle))
+        return [t.detach() for t in impl.check()]  # type: ignore[union-attr]
+
+    kept = layout.num_parameters
+    size = torch.finfo(dtype).bits // 8
+    index = 4 * (layout.nnz + n // bs + 1)
+    fwd_bytes = size * (batch * n + batch * n + kept) + index
+    if direction == "fwd":
+        flops, moved = 2.0 * batch * kept, fwd_bytes
+    else:
+        flops, moved = 6.0 * batch * kept, fwd_bytes + 2 * (size * (2 * batch * n + kept) + index)
+    return Built(impls, reference, flops=flops, bytes=moved,
+                 params={"density": round(kept / (n * n), 5), "nnz": layout.nnz})
+
+
+def _torch_sparse(dense: Tensor, layout: mmattn.SparseLayout, values: Tensor, direction: str,
+                  make: Any) -> list[Impl]:
+    """torch.sparse anchors: CSR, COO, BSR (blocks), BSR Triton (CUDA blocks)."""
+    impls: list[Impl] = []
+    bs = layout.block_size
+    if direction == "fwd":
+        for name, convert in (("torch.sparse CSR", lambda w: w.to_sparse_csr()),
+                              ("torch.sparse COO", lambda w: w.to_sparse().coalesce())):
+            sparse = convert(dense)
+            impls.append(make(name, "anchor",
+                              lambda x, _w, sparse=sparse: torch.sparse.mm(sparse, x.T).T))
+        if bs > 1:
+            bsr = dense.to_sparse_bsr(bs)
+            impls.append(make("torch.sparse BSR", "anchor",
+                              lambda x, _w: torch.sparse.mm(bsr, x.T).T))
+            impls.append(_bsr_triton(bsr, make))
+        return impls
+    if bs > 1:
+        reason = ("element-wise torch.sparse with weight gradients is timed on element "
+                  "layouts (block=1)")
+        return [Impl("torch.sparse CSR", "anchor", skip=reason),
+                Impl("torch.sparse COO", "anchor", skip=reason)]
+    n_out, n_in = layout.shape
+    crow = layout.crow_indices.long()
+    col = layout.col_indices.long()
+    coo_index = torch.stack([layout.row_indices.long(), col])
+
+    def csr(x: Tensor, w: Tensor) -> Tensor:
+        return torch.sparse.mm(torch.sparse_csr_tensor(crow, col, w, (n_out, n_in)), x.T).T
+
+    def coo(x: Tensor, w: Tensor) -> Tensor:
+        weight = torch.sparse_coo_tensor(coo_index, w, (n_out, n_in), is_coalesced=True)
+        return torch.sparse.mm(weight, x.T).T
+
+    return [make("torch.sparse CSR", "anchor", csr), make("torch.sparse COO", "anchor", coo)]
+
+
+def _bsr_triton(bsr: Tensor, make: Any) -> Impl:
+    name = "torch.sparse BSR (Triton)"
+    if not bsr.is_cuda:
+        return Impl(name, "anchor", skip="torch.sparse's Triton kernels need CUDA tensors")
     try:
-        times = _best_of_rounds({"sparse": sparse_forms[fastest],
-                                 "ours": lambda: mmattn.ws_linear(x, values, layout)},
-                                rounds, repeats)
-        table.add("forward, 1 thread", f"torch.sparse: {fastest}", times["sparse"],
-                  times["ours"], "", note)
-        times = _best_of_rounds(fwd_bwd, rounds, max(3, repeats // 2))
-        table.add("forward+backward, 1 thread", "dense F.linear(x, W*M) fwd+bwd",
-                  times["dense"], times["ours"], "", note)
-    finally:
-        torch.set_num_threads(threads)
-
-    # block 32 at the same density, and the WS graph over blocks (k=2)
-    grid = -(-n // BLOCK)
-    blocks = round(layout.nnz / BLOCK**2)
-    chosen = torch.randperm(grid * grid, generator=torch.Generator().manual_seed(0))[:blocks]
-    same_density = SparseLayout.from_coo(chosen // grid, chosen % grid, (n, n), BLOCK)
-    ws_blocks = SparseLayout.from_watts_strogatz(n, n, 2, BETA, seed=42, block_size=BLOCK)
-    for name, block_layout in (("block 32, same density", same_density),
-                               ("block 32, WS k=2 over blocks", ws_blocks)):
-        _block_case(table, name, block_layout, x, rounds, repeats)
-
-    # seed 002 at its own size: whole module calls
-    seed = SeedWSMultiModalFusion(MODALITIES, SEED_FEATURES, K, BETA)
-    ours = WSMultiModalFusion(MODALITIES, SEED_FEATURES, K, BETA)
-    ours.load_state_dict(seed.state_dict())
-    feats = [torch.randn(SEED_BATCH, SEED_FEATURES) for _ in range(MODALITIES)]
-    torch.testing.assert_close(ours(feats), seed(feats))
-    inner = 100 if quick else 300
-    times = _best_of_rounds({"seed": lambda: seed(feats), "ours": lambda: ours(feats)},
-                            rounds * 2, repeats, inner=inner)
-    seed_note = f"3x{SEED_FEATURES} features, k={K}, batch {SEED_BATCH}, nnz={ours.nnz}"
-    table.add("seed 002 size, forward", "seed WSMultiModalFusion", times["seed"],
-              times["ours"], ">= 1.0x", seed_note)
-    times = _best_of_rounds({
-        "seed": _fwd_bwd(lambda: seed(feats), [seed.weight]),
-        "ours": _fwd_bwd(lambda: ours(feats), [ours.weight]),
-    }, rounds * 2, repeats, inner=inner // 3)
-    table.add("seed 002 size, fwd+bwd", "seed WSMultiModalFusion", times["seed"],
-              times["ours"], "reported", seed_note)
-
-    print(table.render())
-    if not quick:  # a quick run does not overwrite the committed full results
-        print(f"\nwritten: {table.write('ws_linear_cpu')}")
-    return table
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
-    main(quick=parser.parse_args().quick)
+        from torch.sparse._triton_ops import bsr_dense_mm
+    except ImportError as exc:
+        return Impl(name, "anchor", skip=f"torch.sparse._triton_ops: {exc}")
+    return make(name, "anchor", lambda x, _w: bsr_dense_mm(bsr, x.T.contiguous()).T)

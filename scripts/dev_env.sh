@@ -21,7 +21,7 @@ fi
 import importlib.metadata as m, sys
 sys.exit(0 if m.version("triton") == "3.8.0" else 1)
 PY
-"${PIP[@]}" "setuptools>=77" wheel pytest hypothesis numpy networkx matplotlib ruff
+"${PIP[@]}" "setuptools>=77" wheel pytest hypothesis numpy networkx matplotlib tqdm ruff
 
 # The extension build: torch comes from the venv, hence no build isolation.
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
