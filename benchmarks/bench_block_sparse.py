@@ -223,7 +223,9 @@ def _flex_impl(selection: Selection, block_mask: mmattn.BlockMask, scale: float,
     kwargs = {"enable_gqa": True} if gqa else {}
     impl = make("FlexAttention (compiled)", "anchor",
                 lambda q, k, v: flex(q, k, v, block_mask=flex_mask, scale=scale, **kwargs),
-                compiled=True, memory=selection.device == "cuda")
+                compiled=True, memory=selection.device == "cuda",
+                note="" if selection.device == "cuda" else
+                "memory not measured on CPU (the worker would compile again)")
     check = impl.check
 
     def cold_check() -> Any:
@@ -278,7 +280,10 @@ def build(case: Case, selection: Selection) -> Built:
         make("SDPA + bool mask", "anchor",
              lambda q, k, v: sdpa(q, k, v, scale, attn_mask=dense)),
         make("naive masked matmul-softmax", "anchor",
-             lambda q, k, v: naive(q, k, v, scale, attn_mask=dense)),
+             lambda q, k, v: naive(q, k, v, scale, attn_mask=dense),
+             note="" if bool(dense.any(-1).all()) else
+             "NaN for queries with no visible key (as the seeds), counted as 0 in max err; "
+             "the NaN spreads into its dK/dV"),
         _flex_impl(selection, block_mask, scale, False, make),
         _bsr_impl(base[0], dense, p["block"], direction, make),
     ]
