@@ -213,15 +213,20 @@ def cold_compile() -> Any:
 
 
 def _flex_impl(selection: Selection, block_mask: mmattn.BlockMask, scale: float,
-               gqa: bool, make: Any) -> Impl:
+               gqa: bool, direction: str, make: Any) -> Impl:
+    name = "FlexAttention (compiled)"
     if not selection.preset.flex:
-        return Impl("FlexAttention (compiled)", "anchor",
-                    skip=f"not compiled in --suite {selection.preset.name} (compiling takes "
-                         "about 15 s per shape on CPU)")
+        return Impl(name, "anchor", skip=f"not compiled in --suite {selection.preset.name} "
+                                         "(compiling takes about 15 s per shape on CPU)")
+    if selection.device == "cpu" and direction != "fwd":
+        # Asking anyway would fail inside dynamo, which then runs flex_attention uncompiled
+        # (seconds per call) in every later case.
+        return Impl(name, "anchor", skip="FlexAttention has no backward on CPU (torch "
+                                         f"{torch.__version__})")
     flex_mask = to_flex_block_mask(block_mask, selection.device)
     flex = compiled_flex_attention()
     kwargs = {"enable_gqa": True} if gqa else {}
-    impl = make("FlexAttention (compiled)", "anchor",
+    impl = make(name, "anchor",
                 lambda q, k, v: flex(q, k, v, block_mask=flex_mask, scale=scale, **kwargs),
                 compiled=True, memory=selection.device == "cuda",
                 note="" if selection.device == "cuda" else
@@ -229,8 +234,16 @@ def _flex_impl(selection: Selection, block_mask: mmattn.BlockMask, scale: float,
     check = impl.check
 
     def cold_check() -> Any:
-        with cold_compile():
-            return check()  # type: ignore[misc]
+        try:
+            with cold_compile():
+                return check()  # type: ignore[misc]
+        except Exception:
+            # a failed compile leaves flex_attention's frame marked to run uncompiled:
+            # forget it, so that later cases compile again
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            raise
     impl.check = cold_check
     return impl
 
@@ -284,7 +297,7 @@ def build(case: Case, selection: Selection) -> Built:
              note="" if bool(dense.any(-1).all()) else
              "NaN for queries with no visible key (as the seeds), counted as 0 in max err; "
              "the NaN spreads into its dK/dV"),
-        _flex_impl(selection, block_mask, scale, False, make),
+        _flex_impl(selection, block_mask, scale, False, direction, make),
         _bsr_impl(base[0], dense, p["block"], direction, make),
     ]
 

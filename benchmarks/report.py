@@ -104,22 +104,19 @@ def _backend_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _skipped_everywhere(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """impl -> reason(s), for implementations skipped in every case of the table: one line
-    under the table says so instead of a row per case."""
-    cases = {(r["op"], r["case"]) for r in rows}
-    found: dict[str, set[tuple[str, str]]] = {}
+    """impl -> reason(s), for implementations skipped wherever they appear in the table: one
+    line under the table says so instead of a row per case."""
+    ran = {r["impl"] for r in rows if r.get("status") != "skipped"}
     reasons: dict[str, set[str]] = {}
     for r in rows:
-        if r.get("status") == "skipped":
-            found.setdefault(r["impl"], set()).add((r["op"], r["case"]))
+        if r.get("status") == "skipped" and r["impl"] not in ran:
             reasons.setdefault(r["impl"], set()).add(r.get("reason", ""))
-    return {impl: " / ".join(sorted(reasons[impl])) for impl, where in found.items()
-            if where == cases}
+    return {impl: " / ".join(sorted(why)) for impl, why in reasons.items()}
 
 
 def sweep_table(rows: Sequence[dict[str, Any]]) -> str:
     always_skipped = _skipped_everywhere(rows)
-    footer = "".join(f"\n\n{impl}: skipped in every row: {reason}"
+    footer = "".join(f"\n\n{impl}: skipped in every case: {reason}"
                      for impl, reason in always_skipped.items())
     rows = [r for r in rows if r["impl"] not in always_skipped]
     backends = _backend_columns(rows)
