@@ -205,6 +205,16 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_results(out_dir: Path, device: str) -> list[dict[str, Any]]:
+    """The rows of every family's CSV of ``device`` in ``out_dir``."""
+    rows: list[dict[str, Any]] = []
+    for family in FAMILIES:
+        path = out_dir / f"{family}_{device}.csv"
+        if path.exists():
+            rows += read_csv(path)
+    return rows
+
+
 # ---- plots -------------------------------------------------------------------------------
 
 def _pyplot() -> Any:
@@ -402,11 +412,7 @@ def replace_between(text: str, name: str, content: str) -> tuple[str, bool]:
 def update_readme(out_dir: Path, device: str, readme: Path = REPO / "README.md") -> list[str]:
     """Regenerate the README's tables of ``device`` from the CSVs in ``out_dir``;
     returns the names of the sections replaced."""
-    all_rows: list[dict[str, Any]] = []
-    for family in FAMILIES:
-        path = out_dir / f"{family}_{device}.csv"
-        if path.exists():
-            all_rows += read_csv(path)
+    all_rows = read_results(out_dir, device)
     if not all_rows or not readme.exists():
         return []
     text = readme.read_text()
@@ -424,8 +430,10 @@ def update_readme(out_dir: Path, device: str, readme: Path = REPO / "README.md")
     return done
 
 
-def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, device: str) -> list[Path]:
-    """Write every family's CSV, Markdown and plot, and the headline; returns the paths."""
+def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, device: str,
+                  csv_too: bool = True) -> list[Path]:
+    """Write every family's CSV, Markdown and plot, and the headline; returns the paths.
+    (``csv_too=False`` re-renders the rest from rows read back from the CSVs.)"""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for family in FAMILIES:
@@ -433,19 +441,17 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, device: str) ->
         if not mine:
             continue
         csv_path, md_path = out_dir / f"{family}_{device}.csv", out_dir / f"{family}_{device}.md"
-        write_csv(mine, csv_path)
+        if csv_too:
+            write_csv(mine, csv_path)
+            written.append(csv_path)
         md_path.write_text(family_markdown(family, mine))
-        written += [csv_path, md_path]
+        written.append(md_path)
         if family in PLOTS:
             stem, plot = PLOTS[family]
             png = out_dir / f"{stem}_{device}.png"
             if plot(mine, png):
                 written.append(png)
-    headline_rows_all: list[dict[str, Any]] = []
-    for family in FAMILIES:
-        path = out_dir / f"{family}_{device}.csv"
-        if path.exists():
-            headline_rows_all += read_csv(path)
+    headline_rows_all = read_results(out_dir, device)
     if headline_rows_all:
         path = out_dir / f"headline_{device}.md"
         path.write_text(f"# Headline ({device})\n\n{environment_line(headline_rows_all[0])}\n\n"

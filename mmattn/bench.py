@@ -20,6 +20,7 @@ Examples::
     python -m mmattn.bench --suite default --op block_sparse --backend cpu --dtype bfloat16
     python -m mmattn.bench --suite full --device cuda --op cross_attention.fwd --sweep Lk
     python -m mmattn.bench --suite smoke --op ws_linear --out /tmp/mmattn-results
+    python -m mmattn.bench --render      # Markdown, plots, README tables from the CSVs
 """
 
 from __future__ import annotations
@@ -78,10 +79,21 @@ def _parser(core: ModuleType) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: rewrite the Markdown, plots and headline (and the "
+                             "README's tables for benchmarks/results/) from the CSVs in --out")
     parser.add_argument("--out", type=Path,
                         help="write results there (default: benchmarks/results/ for the "
                              "default and full suites, nowhere for quick and smoke)")
     return parser
+
+
+def _update_readme(core: ModuleType, report: ModuleType, out: Path, device: str) -> None:
+    """The README's tables follow the committed results only (not other --out folders)."""
+    if out.resolve() == core.RESULTS_DIR.resolve():
+        sections = report.update_readme(out, device)
+        if sections:
+            print(f"README.md: regenerated {', '.join(sections)} table(s) for {device}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = core.collect_cases(selection)
+
+    if args.render:
+        out = args.out or core.RESULTS_DIR
+        rows = report.read_results(out, device)
+        if not rows:
+            parser.error(f"--render: no *_{device}.csv in {out}")
+        for path in report.write_results(rows, out, device, csv_too=False):
+            print(f"written: {path}")
+        _update_readme(core, report, out, device)
+        return 0
 
     if args.list:
         print(f"suite {suite} on {device}: {len(cases)} case(s)"
@@ -132,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None and rows:
         for path in report.write_results(rows, out, device):
             print(f"written: {path}")
-        if out.resolve() == core.RESULTS_DIR.resolve():
-            sections = report.update_readme(out, device)
-            if sections:
-                print(f"README.md: regenerated {', '.join(sections)} table(s) for {device}")
+        _update_readme(core, report, out, device)
     failed = [r for r in rows if r.get("status") == "failed"]
     print(f"[suite {suite} on {device}: {len(cases)} case(s), {len(rows)} row(s), "
           f"{len(failed)} failed, {time.perf_counter() - start:.0f} s]")

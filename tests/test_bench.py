@@ -126,6 +126,18 @@ def test_tiny_sweep_writes_csv_markdown_png(tmp_path: Path,
     seed = [r for r in rows if r["impl"] == "seed 002 WSMultiModalFusion"]
     assert seed and float(seed[0]["max_err"]) < 1e-5
 
+    # --render rebuilds Markdown, plots and headline from the CSVs alone
+    markdown = (tmp_path / "block_sparse_cpu.md").read_text()
+    for name in ("block_sparse_cpu.md", "block_sparse_density_cpu.png", "headline_cpu.md"):
+        (tmp_path / name).unlink()
+    assert bench.main(["--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "block_sparse_density_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    rendered = (tmp_path / "block_sparse_cpu.md").read_text()
+    # the same tables (numbers may differ in a last digit: the CSV keeps 6 of them)
+    assert [line[:40] for line in rendered.splitlines()] == [
+        line[:40] for line in markdown.splitlines()]
+    assert _check_markdown((tmp_path / "headline_cpu.md").read_text()) == 1
+
 
 def test_flex_block_mask_matches_ours() -> None:
     pytest.importorskip("torch.nn.attention.flex_attention")
