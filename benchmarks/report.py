@@ -377,6 +377,39 @@ def headline_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(header, headline_rows(rows))
 
 
+def _kernel_speedup(row: dict[str, Any]) -> float | None:
+    """An anchor row's speed-up of mmattn's fastest kernel backend (the reference backend
+    only where no kernel backend ran)."""
+    kernels = [_num(row.get(f"speedup_{b}")) for b in BACKENDS if b != "reference"]
+    kernels = [v for v in kernels if v]
+    if kernels:
+        return max(kernels)
+    return _num(row.get("speedup_reference"))
+
+
+def ranges_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Per op and anchor, mmattn's speed-up over every case of the run: how often it
+    loses, the worst case, the median, the best."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for r in rows:
+        if r.get("kind") != "anchor" or r.get("status") != "ok" or r["family"] == "modules":
+            continue
+        value = _kernel_speedup(r)
+        if value:
+            groups.setdefault((r["op"], r["impl"]), []).append((value, r["case"]))
+    header = ["op", "anchor", "cases", "mmattn slower in", "worst (case)", "median", "best"]
+    body = []
+    for (op, anchor), values in groups.items():
+        speedups = [v for v, _ in values]
+        worst = min(values)
+        body.append([op, anchor, str(len(values)), str(sum(v < 1 for v in speedups)),
+                     f"{fmt_ratio(worst[0])} ({worst[1]})",
+                     fmt_ratio(statistics.median(speedups)), fmt_ratio(max(speedups))])
+    return markdown_table(header, body)
+
+
 def modules_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One line per module case: the module replaced, mmattn's fastest backend, ratio."""
     header = ["case", "module replaced", "its ms", "mmattn", "mmattn ms",
@@ -418,7 +451,9 @@ def update_readme(out_dir: Path, device: str, readme: Path = REPO / "README.md")
     text = readme.read_text()
     done = []
     env = f"\n{environment_line(all_rows[0])}.\n"
-    headline = headline_markdown(all_rows) + "\n" + env
+    headline = (headline_markdown(all_rows) + "\n\nmmattn's speed-up over all cases of the "
+                "run (anchor time / mmattn time; below 1x mmattn is slower):\n\n" +
+                ranges_markdown(all_rows) + "\n" + env)
     text, ok = replace_between(text, f"headline:{device}", headline)
     done += ["headline"] if ok else []
     modules = [r for r in all_rows if r["family"] == "modules"]
@@ -455,6 +490,8 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, device: str,
     if headline_rows_all:
         path = out_dir / f"headline_{device}.md"
         path.write_text(f"# Headline ({device})\n\n{environment_line(headline_rows_all[0])}\n\n"
-                        f"{headline_markdown(headline_rows_all)}\n")
+                        f"{headline_markdown(headline_rows_all)}\n\n## Speed-up over all "
+                        f"cases (anchor time / mmattn time)\n\n"
+                        f"{ranges_markdown(headline_rows_all)}\n")
         written.append(path)
     return written
