@@ -718,12 +718,15 @@ def progress(items: Sequence[Case], desc: str) -> Iterable[tuple[Case, Callable[
         yield item, bar.write
 
 
-def run(selection: Selection, cases: Sequence[Case] | None = None) -> list[dict[str, Any]]:
-    """Run the selected cases; returns the rows (see ``COLUMNS``)."""
+def run(selection: Selection, cases: Sequence[Case] | None = None,
+        env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run the selected cases; returns the rows (see ``COLUMNS``). ``env`` (default: now)
+    is what the rows record of the machine and the code (take it before anything else
+    runs, so the git sha is the one measured)."""
     if selection.threads:
         torch.set_num_threads(selection.threads)
     cases = collect_cases(selection) if cases is None else cases
-    env = environment(selection.device)
+    env = environment(selection.device) if env is None else env
     worker = (MemoryWorker() if selection.device == "cpu" and selection.preset.memory
               and selection.memory else None)
     rows: list[dict[str, Any]] = []

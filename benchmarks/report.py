@@ -88,10 +88,24 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def environment_line(row: dict[str, Any]) -> str:
-    return (f"{row.get('device_name', '?')}, {row.get('threads', '?')} threads; torch "
+    threads = str(row.get("threads", "?"))
+    plural = "" if threads == "1" else "s"
+    return (f"{row.get('device_name', '?')}, {threads} thread{plural}; torch "
             f"{row.get('torch', '?')}, triton {row.get('triton', '?')}, mmattn "
             f"{row.get('mmattn', '?')}, git {row.get('git_sha', '?')}; suite "
             f"`{row.get('suite', '?')}`, {row.get('date', '?')}")
+
+
+def environments(rows: Sequence[dict[str, Any]]) -> str:
+    """The environment line of each run the rows come from, with the families it covers."""
+    runs: dict[str, list[str]] = {}
+    for r in rows:
+        families = runs.setdefault(environment_line(r), [])
+        if r["family"] not in families:
+            families.append(r["family"])
+    if len(runs) == 1:
+        return next(iter(runs))
+    return "\n".join(f"- {', '.join(families)}: {line}" for line, families in runs.items())
 
 
 # ---- the per-family document -------------------------------------------------------------
@@ -450,7 +464,7 @@ def update_readme(out_dir: Path, device: str, readme: Path = REPO / "README.md")
         return []
     text = readme.read_text()
     done = []
-    env = f"\n{environment_line(all_rows[0])}.\n"
+    env = f"\n{environments(all_rows)}\n"
     headline = (headline_markdown(all_rows) + "\n\nmmattn's speed-up over all cases of the "
                 "run (anchor time / mmattn time; below 1x mmattn is slower):\n\n" +
                 ranges_markdown(all_rows) + "\n" + env)
@@ -458,8 +472,8 @@ def update_readme(out_dir: Path, device: str, readme: Path = REPO / "README.md")
     done += ["headline"] if ok else []
     modules = [r for r in all_rows if r["family"] == "modules"]
     if modules:
-        text, ok = replace_between(text, f"modules:{device}",
-                                   modules_markdown(modules) + "\n" + env)
+        text, ok = replace_between(text, f"modules:{device}", modules_markdown(modules) +
+                                   f"\n\n{environments(modules)}\n")
         done += ["modules"] if ok else []
     readme.write_text(text)
     return done
@@ -489,7 +503,7 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, device: str,
     headline_rows_all = read_results(out_dir, device)
     if headline_rows_all:
         path = out_dir / f"headline_{device}.md"
-        path.write_text(f"# Headline ({device})\n\n{environment_line(headline_rows_all[0])}\n\n"
+        path.write_text(f"# Headline ({device})\n\n{environments(headline_rows_all)}\n\n"
                         f"{headline_markdown(headline_rows_all)}\n\n## Speed-up over all "
                         f"cases (anchor time / mmattn time)\n\n"
                         f"{ranges_markdown(headline_rows_all)}\n")

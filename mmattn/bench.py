@@ -140,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = time.perf_counter()
+    env = core.environment(device)  # the git sha before anything runs
     if demo:
         print("=== conversion demo (examples/convert_demo.py) ===", flush=True)
         sys.path.insert(0, str(REPO / "examples"))
         importlib.import_module("convert_demo").main(quick=suite in ("quick", "smoke"))
         print(flush=True)
-    rows = core.run(selection, cases)
+    rows = core.run(selection, cases, env)
     for family in core.FAMILIES:
         mine = [r for r in rows if r["family"] == family]
         if mine:

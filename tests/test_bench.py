@@ -87,7 +87,7 @@ def test_tiny_sweep_writes_csv_markdown_png(tmp_path: Path,
         import matplotlib.image
 
         assert matplotlib.image.imread(tmp_path / png).shape[0] > 100
-    assert _check_markdown((tmp_path / "headline_cpu.md").read_text()) == 1
+    assert _check_markdown((tmp_path / "headline_cpu.md").read_text()) == 2  # + ranges
 
     rows = []
     for family in ("cross_attention", "block_sparse", "ws_linear", "modules"):
@@ -136,7 +136,7 @@ def test_tiny_sweep_writes_csv_markdown_png(tmp_path: Path,
     # the same tables (numbers may differ in a last digit: the CSV keeps 6 of them)
     assert [line[:40] for line in rendered.splitlines()] == [
         line[:40] for line in markdown.splitlines()]
-    assert _check_markdown((tmp_path / "headline_cpu.md").read_text()) == 1
+    assert _check_markdown((tmp_path / "headline_cpu.md").read_text()) == 2  # + ranges
 
 
 def test_flex_block_mask_matches_ours() -> None:
