@@ -1,6 +1,6 @@
 // Fused attention on CPU: op schemas, launchers and the run-time ISA choice.
 //
-//   mmattn::fused_attention_fwd -> (out, lse, weights)
+//   mmattn::fused_attention_fwd -> (out, lse, weights, out_fp32)
 //   mmattn::fused_attention_bwd -> (dq, dk, dv)
 //   mmattn::attention_cpu_isa   -> name of the kernel build a call would use
 //
@@ -357,14 +357,14 @@ Tensor to_dtype(const Tensor& t, ScalarType dtype) {
 
 // ---------------------------------------------------------------- forward
 
-std::tuple<Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> attn_mask,
     std::optional<Tensor> key_padding_mask, bool is_causal, double dropout_p, double scale,
     int64_t dropout_seed, bool return_weights, std::optional<Tensor> kv_num_blocks,
     std::optional<Tensor> kv_indices, std::optional<Tensor> q_num_blocks,
     std::optional<Tensor> q_indices, std::optional<Tensor> full_blocks,
     std::optional<Tensor> partial_index, std::optional<Tensor> partial_masks, int64_t block_q,
-    int64_t block_k) {
+    int64_t block_k, bool keep_fp32_out) {
   const Dims d = check_qkv(q, k, v);
   const ScalarType dtype = q.scalar_type();
   const Tensor qf = as_float_rows(q), kf = as_float_rows(k), vf = as_float_rows(v);
@@ -395,7 +395,11 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
   }
   Tensor weights_out = return_weights ? to_dtype(weights, dtype)
                                       : torch::stable::new_empty(q, Shape{0});
-  return {to_dtype(out, dtype), lse, weights_out};
+  // The kernels' float32 output before rounding, for the backward's rowsum(dO * O)
+  // (rounding O to half precision first costs dq its accuracy, issue 11).
+  const bool keep = keep_fp32_out && dtype != ScalarType::Float;
+  Tensor out_fp32 = keep ? out : torch::stable::new_empty(q, Shape{0});
+  return {to_dtype(out, dtype), lse, weights_out, out_fp32};
 }
 
 // ---------------------------------------------------------------- backward
@@ -407,7 +411,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     std::optional<Tensor> kv_indices, std::optional<Tensor> q_num_blocks,
     std::optional<Tensor> q_indices, std::optional<Tensor> full_blocks,
     std::optional<Tensor> partial_index, std::optional<Tensor> partial_masks, int64_t block_q,
-    int64_t block_k) {
+    int64_t block_k, std::optional<Tensor> grad_lse) {
   const Dims d = check_qkv(q, k, v);
   const ScalarType dtype = q.scalar_type();
   const Shape out_shape{d.B, d.Hq, d.Lq, d.Dv};
@@ -424,6 +428,14 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   const Tensor qf = as_float_rows(q), kf = as_float_rows(k), vf = as_float_rows(v);
   const Tensor gf = as_float_rows(grad_out), of = as_float_rows(out);
   const Tensor lse_c = torch::stable::contiguous(lse);
+  Tensor grad_lse_c;
+  if (grad_lse.has_value()) {
+    const Tensor& g = *grad_lse;
+    STD_TORCH_CHECK(g.is_cpu() && g.dim() == 3 && g.size(0) == d.B && g.size(1) == d.Hq &&
+                        g.size(2) == d.Lq && is_kernel_dtype(g.scalar_type()),
+                    "fused attention backward: grad_lse must be a CPU float tensor (B, Hq, Lq)");
+    grad_lse_c = torch::stable::contiguous(to_dtype(g, ScalarType::Float));
+  }
 
   BackwardParams G;
   Problem& p = G.p;
@@ -451,14 +463,17 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     G.out = of.const_data_ptr<float>();
     G.o_sb = of.stride(0), G.o_sh = of.stride(1), G.o_sl = of.stride(2);
     G.lse = lse_c.const_data_ptr<float>();
+    G.grad_lse = grad_lse.has_value() ? grad_lse_c.const_data_ptr<float>() : nullptr;
     // Lanes of a query tile may run up to W - 1 past Lq: pad by 16 (zeros).
     G.lq_pad = (d.Lq + 16 + 15) / 16 * 16;
     Tensor q_t = new_output(qf, Shape{d.B * d.Hq, d.D, G.lq_pad}, false);
     Tensor do_t = new_output(qf, Shape{d.B * d.Hq, std::max<int64_t>(d.Dv, 1), G.lq_pad}, false);
     Tensor delta = torch::stable::new_empty(qf, Shape{d.B * d.Hq, d.Lq}, ScalarType::Float);
+    Tensor lam = torch::stable::new_empty(qf, Shape{d.B * d.Hq, d.Lq}, ScalarType::Float);
     G.q_t = q_t.mutable_data_ptr<float>();
     G.do_t = do_t.mutable_data_ptr<float>();
     G.delta = delta.mutable_data_ptr<float>();
+    G.lam = lam.mutable_data_ptr<float>();
     G.dq = dq_acc.mutable_data_ptr<float>();
     G.dk = dk.mutable_data_ptr<float>();
     G.dv = dv.mutable_data_ptr<float>();
@@ -466,6 +481,8 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     torch::stable::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
       ks.backward_prepare(G, begin, end);
     });
+    run_workers(G.num_stat_items(),
+                [&](std::atomic<int64_t>* next) { ks.backward_stats(G, next); });
     run_workers(G.num_items(), [&](std::atomic<int64_t>* next) { ks.backward_worker(G, next); });
   }
   Tensor dq = chunks == 1 ? torch::stable::select(dq_acc, 0, 0)
@@ -485,22 +502,27 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   // (B, Lk) True = pad); the block-mask tensors are mmattn.BlockMask's
   // compressed fields (all given or all None) with block sizes block_q, block_k.
   // Returns out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32 (+inf for
-  // rows with no visible key), weights (B, Hq, Lq, Lk) or an empty tensor.
+  // rows with no visible key), weights (B, Hq, Lq, Lk) or an empty tensor, and
+  // out_fp32: with keep_fp32_out and half-precision q the float32 output before
+  // rounding (B, Hq, Lq, Dv), else an empty tensor.
   m.def(
       "fused_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
       "Tensor? key_padding_mask, bool is_causal, float dropout_p, float scale, "
       "int dropout_seed, bool return_weights, Tensor? kv_num_blocks, Tensor? kv_indices, "
       "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_blocks, Tensor? partial_index, "
-      "Tensor? partial_masks, int block_q, int block_k) -> (Tensor, Tensor, Tensor)");
+      "Tensor? partial_masks, int block_q, int block_k, bool keep_fp32_out=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients (dq, dk, dv) from the forward's out and lse; dropout regenerates
-  // the forward's Philox mask from the same seed.
+  // the forward's Philox mask from the same seed. `out` may be float32 for half
+  // inputs (the forward's out_fp32); grad_lse (B, Hq, Lq), the gradient flowing
+  // into lse, or None.
   m.def(
       "fused_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, "
       "float dropout_p, float scale, int dropout_seed, Tensor? kv_num_blocks, "
       "Tensor? kv_indices, Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_blocks, "
-      "Tensor? partial_index, Tensor? partial_masks, int block_q, int block_k) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? partial_index, Tensor? partial_masks, int block_q, int block_k, "
+      "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
   // Which kernel build (avx512, avx2, generic) the CPU attention ops use now.
   m.def("attention_cpu_isa() -> str");
 }

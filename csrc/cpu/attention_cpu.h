@@ -32,6 +32,9 @@ constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTileFwd = 128;
 constexpr int64_t kKeyTileBwd = 64;
 constexpr int64_t kMaxKeyTile = 256;
+// |lse| from which the backward corrects lse's float32 rounding (BackwardParams::lam):
+// below it the rounding error is at most 2^-22 relative, a few ulp of P.
+constexpr float kLseExact = 8.0f;
 
 // Per-thread scratch: 64-byte aligned (a cache line, a zmm register), so the
 // vector rows of the score tiles never straddle cache lines.
@@ -152,12 +155,24 @@ struct BackwardParams {
   const float* out = nullptr;   // forward output, same layout as dout
   int64_t o_sb = 0, o_sh = 0, o_sl = 0;
   const float* lse = nullptr;   // (B, Hq, Lq) contiguous
+  // Gradient flowing into lse, (B, Hq, Lq) contiguous, or nullptr: since
+  // d lse_i / d s_ij = P_ij it enters as delta_i -= grad_lse_i.
+  const float* grad_lse = nullptr;
   // Workspace filled by backward_prepare: per (b, h) the transposes of q and
-  // dout, (D, Lq_pad) and (Dv, Lq_pad), and delta = rowsum(dout * out), (Lq,).
+  // dout, (D, Lq_pad) and (Dv, Lq_pad), and delta = rowsum(dout * out) - grad_lse,
+  // (Lq,).
   int64_t lq_pad = 0;
   float* q_t = nullptr;
   float* do_t = nullptr;
   float* delta = nullptr;
+  // Per row (B, Hq, Lq): lam = log sum_j exp(s_ij - lse_i), the correction for
+  // lse's float32 rounding, so that P = exp((s - lse) - lam) sums to 1 to float32
+  // accuracy. lse is rounded to half an ulp of |lse|: for |lse| >= kLseExact
+  // (e.g. 3000 for logits of randn * 30) that alone would put relative errors of
+  // 1e-4 into every P of the row, while plain softmax math gets P's largest
+  // entries right to an ulp. Filled by backward_stats for query tiles that have
+  // such rows, 0 elsewhere.
+  float* lam = nullptr;
   // Outputs (float32, contiguous): dq accumulates per kv chunk,
   // (num_chunks, B, Hq, Lq, D); dk (B, Hkv, Lk, D); dv (B, Hkv, Lk, Dv); zeroed.
   float* dq = nullptr;
@@ -176,6 +191,10 @@ struct BackwardParams {
   // Work items: (b, kv head, chunk of key units); an item owns its dk/dv rows
   // and its dq chunk slice, so items never race.
   inline int64_t num_items() const { return p.B * p.Hkv * num_chunks; }
+  // Work items of backward_stats: (b, h, q block, tile within block), as the forward.
+  inline int64_t num_stat_items() const {
+    return p.B * p.Hq * p.num_q_blocks() * p.tiles_per_q_block();
+  }
 };
 
 // One instruction-set version of the kernels. `next` is a shared work-queue
@@ -186,6 +205,8 @@ struct KernelSet {
   void (*forward_worker)(const ForwardParams&, std::atomic<int64_t>* next);
   // Fills q_t, do_t and delta for the (b, h) pairs in [begin, end).
   void (*backward_prepare)(const BackwardParams&, int64_t begin, int64_t end);
+  // Fills lam (see BackwardParams) for the query tiles it takes; after prepare.
+  void (*backward_stats)(const BackwardParams&, std::atomic<int64_t>* next);
   void (*backward_worker)(const BackwardParams&, std::atomic<int64_t>* next);
 };
 

@@ -26,6 +26,29 @@ constexpr int kMaxGroups = static_cast<int>(kQueryTile) / W;  // vectors per que
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Products summed from zero before they join a running total (micro_kernel, blocked_dot,
+// the softmax row sums): float32 error then grows like kSumBlock + n / kSumBlock for a
+// sum of n terms instead of like n.
+constexpr int kSumBlock = 16;
+// The same for the GEMMs that sum over keys or queries of one tile (P . V, dV, dK, dQ):
+// their terms carry a probability factor, so float32 partial sums grow more slowly
+// than a score's sum over D, and longer blocks (fewer round trips through C) suffice.
+constexpr int kSumBlockLong = 64;
+
+// sum_k a[k] * b[k] in micro_kernel's order (fused multiply-adds in blocks of kSumBlock,
+// each block then added to the running total), so that a row dot product matches the
+// GEMM's result for the same operands bit for bit.
+inline float blocked_dot(const float* a, const float* b, int64_t n) {
+  float total = 0.0f;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumBlock) {
+    const int64_t k_end = std::min(n, k0 + kSumBlock);
+    float part = 0.0f;
+    for (int64_t k = k0; k < k_end; ++k) part = Vec::fma1(a[k], b[k], part);
+    total = k0 == 0 ? part : part + total;
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------------------
 // GEMM with register-blocked micro-kernels and fused epilogues.
 // ---------------------------------------------------------------------------
@@ -35,7 +58,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // each score tile:
 //   kScores:  C = scale * (A.B); lane_max[n] = max(lane_max[n], max_m C[m, n])
 //             (lane_max may be null);
-//   kProbs:   C = exp(scale * (A.B) - lane[n])        (lane = lse: backward P);
+//   kProbs:   C = exp((scale * (A.B) - lane[n]) - lane2[n])
+//             (lane = lse, lane2 = lam: backward P, see BackwardParams::lam);
 //   kDScores: C = scale * P[m, n] * ((A.B) [* Z[m, n]] - lane[n])
 //             (lane = delta = rowsum(dO * O), P and Z laid out like C: backward dS).
 enum Epi : int { kNone = 0, kScores, kProbs, kDScores };
@@ -43,42 +67,72 @@ struct Epilogue {
   float scale = 1.0f;
   float* lane_max = nullptr;
   const float* lane = nullptr;
+  const float* lane2 = nullptr;
   const float* p = nullptr;
   const float* z = nullptr;
 };
 
-template <int MR, int NV, bool ACC, bool A_COL, int EPI>
+template <int MR, int NV, bool ACC, bool A_COL, int EPI, int KB>
 inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
                          const float* __restrict b, int64_t ldb, float* __restrict c,
                          int64_t ldc, int tail_lanes, const Epilogue& epi) {
   static_assert(!(ACC && EPI != kNone), "epilogues overwrite C");
   const typename Vec::Tail tail = Vec::tail(tail_lanes);
   R acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (ACC) {
-        acc[r][v] = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
-                                : Vec::load(c + r * ldc + v * W);
-      } else {
-        acc[r][v] = Vec::zero();
-      }
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    R bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = v == NV - 1 ? Vec::load_t(b + v * W, tail) : Vec::load(b + v * W);
-    }
+  // Blocked summation over K: each block of kSumBlock products is summed from zero in
+  // registers and then added to a running total kept in C itself (the registers cannot
+  // hold a second set of accumulators). One float32 chain over all of K (e.g. a score
+  // over D = 256) has an error that grows with K; with blocks it grows with
+  // kSumBlock + K / kSumBlock, which keeps the kernels within the reference's error
+  // at any input scale (issue 11). backward_prepare's blocked_dot sums delta in exactly
+  // this order. With ACC, C's old value is the first running total.
+  bool total_in_c = ACC;
+  const float* bk = b;
+  for (int64_t k0 = 0;; k0 += KB) {
+    const int64_t k_end = std::min(K, k0 + KB);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
     }
-    b += ldb;
+    for (int64_t k = k0; k < k_end; ++k) {
+      R bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = v == NV - 1 ? Vec::load_t(bk + v * W, tail) : Vec::load(bk + v * W);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+      }
+      bk += ldb;
+    }
+    if (total_in_c) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const R old = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
+                                    : Vec::load(c + r * ldc + v * W);
+          acc[r][v] = Vec::add(acc[r][v], old);
+        }
+      }
+    }
+    if (k_end >= K) break;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (v == NV - 1) {
+          Vec::store_t(c + r * ldc + v * W, acc[r][v], tail);
+        } else {
+          Vec::store(c + r * ldc + v * W, acc[r][v]);
+        }
+      }
+    }
+    total_in_c = true;
   }
   const R scale = Vec::set1(epi.scale);
   if constexpr (EPI == kScores) {
@@ -104,9 +158,12 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
   } else if constexpr (EPI == kProbs) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const R lse = Vec::load(epi.lane + v * W);  // lane buffers are padded to whole vectors
+      // lane buffers are padded to whole vectors
+      const R lse = Vec::load(epi.lane + v * W), lam = Vec::load(epi.lane2 + v * W);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) acc[r][v] = Vec::exp(Vec::sub(Vec::mul(acc[r][v], scale), lse));
+      for (int r = 0; r < MR; ++r) {
+        acc[r][v] = Vec::exp(Vec::sub(Vec::sub(Vec::mul(acc[r][v], scale), lse), lam));
+      }
     }
   } else if constexpr (EPI == kDScores) {
 #pragma GCC unroll 8
@@ -139,12 +196,13 @@ inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64
   Epilogue o = e;
   if (o.lane_max) o.lane_max += n0;
   if (o.lane) o.lane += n0;
+  if (o.lane2) o.lane2 += n0;
   if (o.p) o.p += m0 * ldc + n0;
   if (o.z) o.z += m0 * ldc + n0;
   return o;
 }
 
-template <int NV, bool ACC, bool A_COL, int EPI>
+template <int NV, bool ACC, bool A_COL, int EPI, int KB>
 inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
                        int64_t ldb, float* c, int64_t ldc, int tail, const Epilogue& epi,
                        int64_t n0) {
@@ -152,7 +210,7 @@ inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const f
   const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR) {
-    micro_kernel<MR, NV, ACC, A_COL, EPI>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
+    micro_kernel<MR, NV, ACC, A_COL, EPI, KB>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
                                           tail, offset_epilogue(epi, m0, n0, ldc));
   }
   const int64_t rest = M - m0;
@@ -161,13 +219,13 @@ inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const f
   const Epilogue e = offset_epilogue(epi, m0, n0, ldc);
   switch (rest) {
     case 0: break;
-    case 1: micro_kernel<1, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 2: micro_kernel<2, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 3: micro_kernel<3, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 1: micro_kernel<1, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 2: micro_kernel<2, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 3: micro_kernel<3, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
     default:
       if constexpr (MR > 4) {
-        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
-        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e);
       }
       break;
   }
@@ -177,7 +235,7 @@ inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const f
 // the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
 // A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
 // C rows are vectors; the last vector of a strip is masked, so N needs no padding.
-template <bool ACC, bool A_COL, int EPI = kNone>
+template <bool ACC, bool A_COL, int EPI = kNone, int KB = kSumBlock>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
           int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
   static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
@@ -189,19 +247,19 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const flo
     const int tail = static_cast<int>(width - (nv - 1) * W);
     switch (nv) {
       case 1:
-        gemm_strip<1, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        gemm_strip<1, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         break;
       case 2:
-        gemm_strip<2, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+        gemm_strip<2, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         break;
       case 3:
         if constexpr (Vec::kNV >= 3) {
-          gemm_strip<3, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+          gemm_strip<3, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         }
         break;
       case 4:
         if constexpr (Vec::kNV >= 4) {
-          gemm_strip<4, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
+          gemm_strip<4, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
         }
         break;
       default: break;
@@ -385,13 +443,18 @@ void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const flo
   mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
 }
 
+// Dropout keep-mask of key `key` for the query lanes of group g (rows i0 + g*W + lane):
+// the flat element index (i * Lk + j, 64 bits) is the Philox counter.
+inline M dropout_keep(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
+  const uint64_t base = static_cast<uint64_t>(i0 + g * W) * static_cast<uint64_t>(P.Lk) +
+                        static_cast<uint64_t>(key);
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  return Vec::dropout_keep(P.seed, base, static_cast<uint64_t>(P.Lk), c1, P.keep_threshold);
+}
+
 // Dropout factor (keep ? drop_scale : 0) for key `key` and lanes of group g.
 inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
-  const uint64_t base = static_cast<uint64_t>((i0 + g * W) * P.Lk + key);
-  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
-  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint64_t>(P.Lk), c1,
-                                   P.keep_threshold);
-  return Vec::blend(keep, Vec::set1(P.drop_scale), Vec::zero());
+  return Vec::blend(dropout_keep(P, b, h, i0, g, key), Vec::set1(P.drop_scale), Vec::zero());
 }
 
 // ---------------------------------------------------------------------------
@@ -485,14 +548,20 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
       Vec::store(s.l + g * W, Vec::mul(Vec::load(s.l + g * W), alpha));
       sum[g] = Vec::zero();
     }
-    for (int64_t j = 0; j < t.nk; ++j) {
-      float* row = st + j * lanes;
-      for (int g = 0; g < groups; ++g) {
-        R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
-        sum[g] = Vec::add(sum[g], p);
-        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
-        Vec::store(row + g * W, p);
+    // Row sums in blocks of kSumBlock keys (see kSumBlock).
+    for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
+      R part[kMaxGroups];
+      for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+      for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
+        float* row = st + j * lanes;
+        for (int g = 0; g < groups; ++g) {
+          R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+          part[g] = Vec::add(part[g], p);
+          if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
+          Vec::store(row + g * W, p);
+        }
       }
+      for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
     }
     for (int g = 0; g < groups; ++g) {
       Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
@@ -501,7 +570,7 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     // the vectors, and only the tile's nq query rows are computed.
     // The tile's P . V is summed apart, then O = alpha * O + part: float32
     // error grows with the tile length, not with Lk.
-    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
                       P.Dv);
     if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
@@ -536,22 +605,24 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     m_use[g] = Vec::blend(Vec::eq(m, Vec::set1(kNegInf)), Vec::zero(), m);
     sum[g] = Vec::zero();
   }
-  // Sums per key tile, then over tiles: float32 error grows with the tile
-  // length, not with Lk.
+  // Sums in blocks of kSumBlock keys, then over blocks (see kSumBlock).
   float* st_all = s.st.get();
   for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
     float* st = st_all + s.tile_rows[ti] * lanes;
-    R part[kMaxGroups];
-    for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
-    for (int64_t j = 0; j < s.tiles[ti].nk; ++j) {
-      float* row = st + j * lanes;
-      for (int g = 0; g < groups; ++g) {
-        const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
-        part[g] = Vec::add(part[g], p);
-        Vec::store(row + g * W, p);
+    const int64_t nk = s.tiles[ti].nk;
+    for (int64_t jb = 0; jb < nk; jb += kSumBlock) {
+      R part[kMaxGroups];
+      for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+      for (int64_t j = jb; j < std::min(nk, jb + kSumBlock); ++j) {
+        float* row = st + j * lanes;
+        for (int g = 0; g < groups; ++g) {
+          const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+          part[g] = Vec::add(part[g], p);
+          Vec::store(row + g * W, p);
+        }
       }
+      for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
     }
-    for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
   }
   // 1 / sum per lane, 0 for rows with no visible key (their p are all 0).
   R inv[kMaxGroups];
@@ -600,7 +671,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
         }
       }
     }
-    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
                       P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
@@ -682,19 +753,88 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < P.Lq; ++i) {
       const float* gi = dout + i * G.do_sl;
       const float* oi = out + i * G.o_sl;
-      // The same fused multiply-add chain as the dP GEMM: when O equals a row of V
-      // (a single visible key) dP - delta is then exactly 0, as in exact arithmetic.
-      float delta = 0.0f;
-      for (int64_t d = 0; d < P.Dv; ++d) delta = Vec::fma1(gi[d], oi[d], delta);
+      // The same fused multiply-add order as the dP GEMM: when O equals a row of V (or,
+      // with dropout, of drop_scale * V: a single visible key) dP - delta is then
+      // exactly 0, as in exact arithmetic.
+      float delta = blocked_dot(gi, oi, P.Dv);
+      if (G.grad_lse != nullptr) delta -= G.grad_lse[bh * P.Lq + i];
       G.delta[bh * P.Lq + i] = delta;
     }
   }
 }
 
+// lam (see BackwardParams) for the query tiles it takes: for a tile with a row whose
+// |lse| >= kLseExact, lam_i = log sum_j exp(s_ij - lse_i) over the row's visible keys
+// (the scores computed exactly as backward_tile computes them); 0 for other tiles.
+// Key tiles whose scores all lie 40 or more below lse add less than exp(-40) each
+// and skip the exponentials.
+void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
+  const Problem& P = G.p;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
+  Buffer st;
+  alignas(64) float lse[kQueryTile];
+  alignas(64) float tile_max[kQueryTile];
+  std::vector<Tile> tiles;
+  const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
+  const int64_t total = G.num_stat_items();
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t t_in_block = item % tpb;
+    const int64_t qb = (item / tpb) % nqb;
+    const int64_t bh = item / (tpb * nqb);
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const int64_t i0 = qb * qrows + t_in_block * kQueryTile;
+    const int64_t i_end =
+        std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
+    const int64_t nq = i_end - i0;
+    if (nq <= 0) continue;
+    float* lam = G.lam + bh * P.Lq + i0;
+    const float* row_lse = G.lse + bh * P.Lq + i0;
+    std::fill(lam, lam + nq, 0.0f);
+    bool needed = false;
+    for (int64_t i = 0; i < nq; ++i) {
+      needed = needed || (std::isfinite(row_lse[i]) && std::fabs(row_lse[i]) >= kLseExact);
+    }
+    if (!needed) continue;
+    const int64_t lanes = lanes_of(nq);
+    const int groups = static_cast<int>(lanes / W);
+    for (int64_t i = 0; i < lanes; ++i) lse[i] = i < nq ? row_lse[i] : kPosInf;
+    if (!st) st = make_buffer(key_tile * kQueryTile);
+    const float* kb = P.k + b * P.k_sb + (h / P.group()) * P.k_sh;
+    const float* q_t = G.q_t + bh * P.D * G.lq_pad + i0;
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, tiles);
+    R sum[kMaxGroups];
+    for (int g = 0; g < groups; ++g) sum[g] = Vec::zero();
+    for (const Tile& t : tiles) {
+      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, st.get(), tile_max);
+      bool significant = false;
+      for (int64_t i = 0; i < nq; ++i) significant = significant || tile_max[i] - lse[i] > -40.0f;
+      if (!significant) continue;
+      for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
+        R part[kMaxGroups];
+        for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+        for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
+          const float* row = st.get() + j * lanes;
+          for (int g = 0; g < groups; ++g) {
+            const R e = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(lse + g * W)));
+            part[g] = Vec::add(part[g], e);
+          }
+        }
+        for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+      }
+    }
+    alignas(64) float sums[kQueryTile];
+    for (int g = 0; g < groups; ++g) Vec::store(sums + g * W, sum[g]);
+    for (int64_t i = 0; i < nq; ++i) {
+      lam[i] = std::isfinite(row_lse[i]) && sums[i] > 0.0f ? std::log(sums[i]) : 0.0f;
+    }
+  }
+}
+
 struct BackwardScratch {
-  Buffer st, pd, dp, z;
+  Buffer st, pd, dp, z, vz;
   Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
+  alignas(64) float lam[kQueryTile];
   alignas(64) float delta[kQueryTile];
   std::vector<Tile> tiles;
 };
@@ -747,28 +887,32 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
   }
 }
 
+// One (query tile) x (key tile) step of the backward. `v_rows` (row stride v_ld) are the
+// tile's key rows of V, or with dropout of drop_scale * V (see backward_worker).
 void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
-                   const Tile& t, float* dq, float* dk, float* dv) {
+                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dk,
+                   float* dv) {
   const Problem& P = G.p;
   const int64_t hk = h / P.group();
   const int64_t bh = b * P.Hq + h;
   const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
-  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
   const int64_t lanes = lanes_of(t.nq);
   const int groups = static_cast<int>(lanes / W);
 
   for (int64_t i = 0; i < lanes; ++i) {
     const bool valid = i < t.nq;
     s.lse[i] = valid ? G.lse[bh * P.Lq + t.i0 + i] : kPosInf;
+    s.lam[i] = valid ? G.lam[bh * P.Lq + t.i0 + i] : 0.0f;
     s.delta[i] = valid ? G.delta[bh * P.Lq + t.i0 + i] : 0.0f;
   }
-  // P = exp(scale * S - lse): 0 for rows with no visible key (lse = +inf).
+  // P = exp((scale * S - lse) - lam): 0 for rows with no visible key (lse = +inf).
   float* st = s.st.get();
   const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
   if (!tile_needs_mask(P, t)) {
     Epilogue probs;
     probs.scale = P.scale;
     probs.lane = s.lse;
+    probs.lane2 = s.lam;
     gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
                                lanes, probs);
   } else {
@@ -776,21 +920,25 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
     for (int64_t j = 0; j < t.nk; ++j) {
       float* row = st + j * lanes;
       for (int g = 0; g < groups; ++g) {
-        Vec::store(row + g * W,
-                   Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W))));
+        const R x = Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W));
+        Vec::store(row + g * W, Vec::exp(Vec::sub(x, Vec::load(s.lam + g * W))));
       }
     }
   }
-  // Dropout: Z regenerated from the seed, Pd = P * Z is what multiplied V.
+  // Dropout: the keep-mask regenerated from the seed; Pd = P * Z (Z = keep * drop_scale)
+  // is what multiplied V. The z buffer holds keep as 1 / 0: the scale is already in
+  // v_rows, so dP * Z = keep * (dO . (drop_scale * V)), rounded as the forward rounded O.
   float* pd = P.dropout ? s.pd.get() : st;
   float* z = P.dropout ? s.z.get() : nullptr;
   if (P.dropout) {
+    const R one = Vec::set1(1.0f), drop_scale = Vec::set1(P.drop_scale);
     for (int64_t j = 0; j < t.nk; ++j) {
       for (int g = 0; g < groups; ++g) {
         const int64_t o = j * lanes + g * W;
-        const R zf = dropout_factor(P, b, h, t.i0, g, t.j0 + j);
-        Vec::store(z + o, zf);
-        Vec::store(pd + o, Vec::mul(Vec::load(st + o), zf));
+        const M keep = dropout_keep(P, b, h, t.i0, g, t.j0 + j);
+        Vec::store(z + o, Vec::blend(keep, one, Vec::zero()));
+        Vec::store(pd + o, Vec::blend(keep, Vec::mul(Vec::load(st + o), drop_scale),
+                                      Vec::zero()));
       }
     }
   }
@@ -798,24 +946,24 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // dV[j] += sum_i Pd[j][i] dO[i]. Each tile's contribution is summed apart and
   // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
   float* part = s.part.get();
-  gemm<false, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
+  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
   add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
   // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
-  // (scale applied once here for both dQ and dK).
+  // (scale applied once here for both dQ and dK). Its sum over D runs in the order of
+  // backward_prepare's delta, so one visible key gives dS = 0 exactly.
   float* dp = s.dp.get();
   Epilogue dscores;
   dscores.scale = P.scale;
   dscores.lane = s.delta;
   dscores.p = st;
   dscores.z = z;
-  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
-                               G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
+  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, v_rows, v_ld, G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
                                dscores);
   // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
-  gemm<false, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
                      P.q_sl, part, P.D);
   add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
-  gemm<false, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
+  gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
   add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
 }
 
@@ -829,6 +977,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
     s.z = make_buffer(key_tile * kQueryTile);
+    s.vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
   }
   const int64_t units = G.key_units(), per_chunk = G.units_per_chunk();
   const int64_t total = G.num_items();
@@ -845,14 +994,28 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
       const int64_t lo = u * unit_rows, hi = std::min((u + 1) * unit_rows, P.Lk);
       for (int64_t j0 = lo; j0 < hi; j0 += key_tile) {
         const int64_t nk = std::min(key_tile, hi - j0);
+        // V rows of the tile; with dropout drop_scale * V, rounded as the forward's
+        // P * Z . V rounds them when one key is visible (then dS is exactly 0).
+        const float* v_rows = P.v + b * P.v_sb + hk * P.v_sh + j0 * P.v_sl;
+        int64_t v_ld = P.v_sl;
+        if (P.dropout) {
+          const float scale[1] = {P.drop_scale};
+          for (int64_t j = 0; j < nk; ++j) {
+            scale_rows(v_rows + j * P.v_sl, P.v_sl, 1, P.Dv, scale, s.vz.get() + j * P.Dv,
+                       P.Dv);
+          }
+          v_rows = s.vz.get();
+          v_ld = P.Dv;
+        }
         for (int64_t g = 0; g < P.group(); ++g) {
           const int64_t h = hk * P.group() + g;
           collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
-          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, dq, dk, dv);
+          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dk, dv);
         }
       }
     }
   }
 }
 
-const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_worker};
+const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_stats,
+                               &backward_worker};
