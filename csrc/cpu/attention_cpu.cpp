@@ -390,8 +390,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     F.out = out.mutable_data_ptr<float>();
     F.lse = lse.mutable_data_ptr<float>();
     F.weights = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
+    plan_splits(F);
+    Tensor partials;  // split-KV state: (splits, rows, Dv + 2) = O, m, l
+    if (F.splits > 1) {
+      const int64_t rows = d.B * d.Hq * d.Lq;
+      partials = torch::stable::new_empty(qf, Shape{F.splits * rows * (d.Dv + 2)},
+                                          ScalarType::Float);
+      F.part_o = partials.mutable_data_ptr<float>();
+      F.part_m = F.part_o + F.splits * rows * d.Dv;
+      F.part_l = F.part_m + F.splits * rows;
+    }
     const KernelSet& ks = kernels();
     run_workers(F.num_items(), [&](std::atomic<int64_t>* next) { ks.forward_worker(F, next); });
+    if (F.splits > 1) {
+      torch::stable::parallel_for(0, d.B * d.Hq * d.Lq, 16, [&](int64_t begin, int64_t end) {
+        ks.forward_merge(F, begin, end);
+      });
+    }
   }
   Tensor weights_out = return_weights ? to_dtype(weights, dtype)
                                       : torch::stable::new_empty(q, Shape{0});
@@ -444,14 +459,16 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   set_problem(p, d, qf, kf, vf, scale, attn_mask, key_padding_mask, is_causal, dropout_p,
               dropout_seed, blocks);
 
-  // Items are (b, kv head, chunk of keys); split keys only when there are too
-  // few (b, kv head) pairs to keep every thread busy. Each chunk then needs
-  // its own dq accumulator (summed below), so chunks stay few.
-  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  // Items are (b, kv head, chunk of keys); the keys are split when there are
+  // fewer than kBwdTargetItems (b, kv head) pairs. Each chunk needs its own dq
+  // accumulator (summed below, in chunk order), so chunks stay few and their
+  // memory bounded. The split depends on the shape only, never on the thread
+  // count: gradients are the same bits for any number of threads.
   const int64_t pairs = std::max<int64_t>(1, d.B * d.Hkv);
-  int64_t chunks = 1;
-  if (pairs < 2 * threads && pairs % threads != 0) chunks = (2 * threads + pairs - 1) / pairs;
-  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, G.key_units()));
+  const int64_t dq_numel = std::max<int64_t>(1, d.B * d.Hq * d.Lq * d.D);
+  int64_t chunks = (kBwdTargetItems + pairs - 1) / pairs;
+  chunks = std::min({chunks, G.key_units(), std::max<int64_t>(1, kBwdChunkFloats / dq_numel)});
+  chunks = std::max<int64_t>(1, chunks);
   G.num_chunks = chunks;
 
   Tensor dq_acc = new_output(qf, Shape{chunks, d.B, d.Hq, d.Lq, d.D}, true);
@@ -485,8 +502,21 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
                 [&](std::atomic<int64_t>* next) { ks.backward_stats(G, next); });
     run_workers(G.num_items(), [&](std::atomic<int64_t>* next) { ks.backward_worker(G, next); });
   }
-  Tensor dq = chunks == 1 ? torch::stable::select(dq_acc, 0, 0)
-                          : torch::stable::sum(dq_acc, Shape{0});
+  Tensor dq = torch::stable::select(dq_acc, 0, 0);
+  if (chunks > 1) {
+    // dq = sum of the chunks' accumulators in chunk order (each element by one task).
+    dq = torch::stable::new_empty(qf, Shape{d.B, d.Hq, d.Lq, d.D}, ScalarType::Float);
+    const float* acc = dq_acc.const_data_ptr<float>();
+    float* sum = dq.mutable_data_ptr<float>();
+    const int64_t n = d.B * d.Hq * d.Lq * d.D;
+    torch::stable::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+      std::copy(acc + begin, acc + end, sum + begin);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = acc + c * n;
+        for (int64_t e = begin; e < end; ++e) sum[e] += part[e];
+      }
+    });
+  }
   return {to_dtype(dq, dtype), to_dtype(dk, dtype), to_dtype(dv, dtype)};
 }
 

@@ -15,6 +15,7 @@
 //   True = padding. Causal: key j visible to query i iff j <= i.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -142,11 +143,52 @@ struct ForwardParams {
   float* out = nullptr;      // (B, Hq, Lq, Dv) contiguous
   float* lse = nullptr;      // (B, Hq, Lq) contiguous, +inf for rows with no visible key
   float* weights = nullptr;  // (B, Hq, Lq, Lk) contiguous, or nullptr
-  // Work items: (b, h, q block, tile within block).
-  inline int64_t num_items() const {
+  // Split-KV (decoding shapes: few query tiles, many keys): the keys are cut into
+  // `splits` ranges of split_keys (a multiple of the key tile or block), each work
+  // item handles one range and leaves its partial softmax state per row,
+  //   part_m = max score, part_l = sum exp(s - part_m), part_o = sum exp(s - part_m) Z V,
+  // each (splits, B * Hq * Lq[, Dv]) contiguous; forward_merge then combines the
+  // ranges through their log-sum-exp, in range order. The split depends on the
+  // shape only (plan_splits), never on threads or timing: results are the same
+  // bits for any thread count.
+  int64_t splits = 1;
+  int64_t split_keys = 0;
+  float* part_o = nullptr;
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  inline int64_t num_tiles() const {
     return p.B * p.Hq * p.num_q_blocks() * p.tiles_per_q_block();
   }
+  // Work items: (b, h, q block, tile within block, key range).
+  inline int64_t num_items() const { return num_tiles() * splits; }
 };
+
+// Backward: (batch, kv head) pairs below which the keys are split into chunks, and
+// the most floats of the chunks' dq accumulators together (unless one chunk).
+constexpr int64_t kBwdTargetItems = 16;
+constexpr int64_t kBwdChunkFloats = int64_t{1} << 23;
+
+// Work items below which the forward splits the keys, and the fewest keys per split.
+constexpr int64_t kSplitTargetItems = 32;
+constexpr int64_t kMinSplitKeys = 256;
+
+// Splits the keys of a forward with few work items (see ForwardParams); none when the
+// weights are returned (they need each row's final statistics in one item).
+inline void plan_splits(ForwardParams& F) {
+  const Problem& p = F.p;
+  F.splits = 1;
+  F.split_keys = p.Lk;
+  const int64_t tiles = F.num_tiles();
+  if (F.weights != nullptr || tiles <= 0 || tiles >= kSplitTargetItems) return;
+  const int64_t unit = p.blocks.present ? p.blocks.bk : kKeyTileFwd;
+  const int64_t min_keys = (kMinSplitKeys + unit - 1) / unit * unit;
+  const int64_t most = (p.Lk + min_keys - 1) / min_keys;
+  const int64_t wanted = std::min((kSplitTargetItems + tiles - 1) / tiles, most);
+  if (wanted <= 1) return;
+  const int64_t per = (p.Lk + wanted - 1) / wanted;
+  F.split_keys = (per + unit - 1) / unit * unit;
+  F.splits = (p.Lk + F.split_keys - 1) / F.split_keys;
+}
 
 struct BackwardParams {
   Problem p;
@@ -203,6 +245,8 @@ struct BackwardParams {
 struct KernelSet {
   const char* name;
   void (*forward_worker)(const ForwardParams&, std::atomic<int64_t>* next);
+  // Split-KV: combines the partial states of rows [begin, end) of B * Hq * Lq.
+  void (*forward_merge)(const ForwardParams&, int64_t begin, int64_t end);
   // Fills q_t, do_t and delta for the (b, h) pairs in [begin, end).
   void (*backward_prepare)(const BackwardParams&, int64_t begin, int64_t end);
   // Fills lam (see BackwardParams) for the query tiles it takes; after prepare.

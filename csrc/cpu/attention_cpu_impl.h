@@ -461,13 +461,16 @@ inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int 
 // Tile enumeration.
 // ---------------------------------------------------------------------------
 
-// Key tiles seen by query rows [i0, i0 + nq) of head (b, h) in q block qb.
+// Key tiles among keys [key_lo, key_hi) seen by query rows [i0, i0 + nq) of head (b, h)
+// in q block qb.
 inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb, int64_t i0,
-                              int64_t nq, int64_t dense_tile, std::vector<Tile>& tiles) {
+                              int64_t nq, int64_t dense_tile, int64_t key_lo, int64_t key_hi,
+                              std::vector<Tile>& tiles) {
   tiles.clear();
   const int64_t i_last = i0 + nq - 1;
   // Causal: keys beyond the tile's last query are hidden for all its rows.
-  const int64_t key_end = P.causal ? std::min(P.Lk, i_last + 1) : P.Lk;
+  const int64_t key_end =
+      std::min(key_hi, P.causal ? std::min(P.Lk, i_last + 1) : P.Lk);
   auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld) {
     for (int64_t j0 = lo; j0 < hi; j0 += dense_tile) {
       Tile t;
@@ -484,7 +487,7 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
     }
   };
   if (!P.blocks.present) {
-    push(0, key_end, nullptr, 0);
+    push(key_lo, key_end, nullptr, 0);
     return;
   }
   const BlockView& bv = P.blocks;
@@ -492,14 +495,15 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
   const int64_t count = bv.kv_num[row];
   for (int64_t n = 0; n < count; ++n) {
     const int64_t kb = bv.kv_idx[row * bv.nbk + n];
-    const int64_t lo = kb * bv.bk;
+    const int64_t lo = std::max(kb * bv.bk, key_lo);  // a key split may start in the block
     const int64_t hi = std::min({(kb + 1) * bv.bk, P.Lk, key_end});
     if (lo >= hi) continue;
     const int64_t pidx = bv.partial_index[row * bv.nbk + kb];
     if (bv.full[row * bv.nbk + kb]) {
       push(lo, hi, nullptr, 0);
     } else if (pidx >= 0) {
-      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (i0 - qb * bv.bq);
+      const uint8_t* pm = bv.partial_t + pidx * bv.bk * bv.bq + (lo - kb * bv.bk) * bv.bq +
+                          (i0 - qb * bv.bq);
       push(lo, hi, pm, bv.bq);
     }
   }
@@ -513,6 +517,7 @@ struct ForwardScratch {
   Buffer q_t, st;
   Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
   Buffer part;  // one key tile's P . V, same layout
+  Buffer row_q;  // row path: the query row, zero-padded to whole vectors
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
@@ -677,6 +682,235 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Row path: one query row, keys on the vector lanes. A query tile of one or a few
+// rows (decoding: Lq = 1) would leave most lanes of the transposed tiles idle, and its
+// exponentials would run W times over; here every lane holds a key.
+// ---------------------------------------------------------------------------
+
+// Query tiles of at most this many rows take the row path (SIMD builds only).
+constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
+// Output vectors per P . V strip (accumulators and running totals in registers).
+constexpr int kRowNV = W >= 16 ? 8 : 4;
+
+inline float lanes_max(R x, int n) {
+  alignas(64) float v[W];
+  Vec::store(v, x);
+  float m = v[0];
+  for (int l = 1; l < n; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+inline float lanes_sum(R x) {
+  alignas(64) float v[W];
+  Vec::store(v, x);
+  float sum = v[0];
+  for (int l = 1; l < W; ++l) sum += v[l];
+  return sum;
+}
+
+// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
+// one accumulator per key summed over D in blocks of kSumBlock vectors, then
+// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
+inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
+  R total = Vec::zero();
+  const int64_t d_all = d_full + (tail > 0 ? W : 0);
+  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
+    R acc[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
+    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
+    for (int64_t d = d0; d < d_end; d += W) {
+      const R qv = Vec::load(q + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
+    }
+    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
+      const R qv = Vec::load(q + d_full);  // zero-padded
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) {
+        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
+      }
+    }
+    total = Vec::add(Vec::transpose_sum(acc), total);
+  }
+  return total;
+}
+
+// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
+// row zero-padded to whole vectors.
+inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
+                       float* sc) {
+  const R scale = Vec::set1(P.scale);
+  const int64_t d_full = P.D / W * W;
+  const int tail = static_cast<int>(P.D - d_full);
+  for (int64_t jg = 0; jg < t.nk; jg += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
+    const float* rows[W];
+    // A last group of n < W keys repeats its last key in the unused lanes.
+    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
+    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
+  }
+}
+
+// The element masks of row i on the scores of tile t (scalar: the row path is for few rows).
+inline void row_mask(const Problem& P, int64_t b, int64_t h, int64_t i, const Tile& t,
+                     float* sc) {
+  const bool has_mask = P.mask.kind != MaskKind::None;
+  const int64_t mask_base = b * P.mask.sb + h * P.mask.sh + i * P.mask.si;
+  for (int64_t j = 0; j < t.nk; ++j) {
+    const int64_t key = t.j0 + j;
+    bool hidden = (P.kpm != nullptr && P.kpm[b * P.kpm_sb + key * P.kpm_sj] != 0) ||
+                  (t.causal_cut && key > i) ||
+                  (t.partial != nullptr && t.partial[j * t.partial_ld] == 0);
+    if (!hidden && has_mask) {
+      const float add = P.mask.additive(mask_base + key * P.mask.sj);
+      hidden = add == kNegInf;
+      sc[j] += add;
+    }
+    if (hidden) sc[j] = kNegInf;
+  }
+}
+
+// part[c] = sum_j p[j] * V[j][c] for c < Dv over the nk keys of V rows `v` (stride v_sl):
+// kRowNV vectors of outputs at a time, summed in blocks of kSumBlockLong keys.
+template <int NV>
+inline void row_pv_strip(const float* p, int64_t nk, const float* v, int64_t v_sl, int tail,
+                         float* part) {
+  const typename Vec::Tail last = Vec::tail(tail);
+  R total[NV], acc[NV];
+  for (int c = 0; c < NV; ++c) total[c] = Vec::zero();
+  for (int64_t j0 = 0; j0 < nk; j0 += kSumBlockLong) {
+    for (int c = 0; c < NV; ++c) acc[c] = Vec::zero();
+    for (int64_t j = j0; j < std::min<int64_t>(nk, j0 + kSumBlockLong); ++j) {
+      const R pj = Vec::set1(p[j]);
+      const float* vr = v + j * v_sl;
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) {
+        const R x = c == NV - 1 ? Vec::load_t(vr + c * W, last) : Vec::load(vr + c * W);
+        acc[c] = Vec::fmadd(pj, x, acc[c]);
+      }
+    }
+    for (int c = 0; c < NV; ++c) total[c] = Vec::add(acc[c], total[c]);
+  }
+  for (int c = 0; c < NV; ++c) {
+    if (c == NV - 1) {
+      Vec::store_t(part + c * W, total[c], last);
+    } else {
+      Vec::store(part + c * W, total[c]);
+    }
+  }
+}
+
+inline void row_pv(const float* p, int64_t nk, const float* v, int64_t v_sl, int64_t dv,
+                   float* part) {
+  constexpr int64_t strip = kRowNV * W;
+  for (int64_t c0 = 0; c0 < dv; c0 += strip) {
+    const int64_t width = std::min(dv - c0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+    switch (nv) {
+#define MMATTN_ROW_PV(n) \
+  case n: row_pv_strip<n>(p, nk, v + c0, v_sl, tail, part + c0); break;
+      MMATTN_ROW_PV(1) MMATTN_ROW_PV(2) MMATTN_ROW_PV(3) MMATTN_ROW_PV(4)
+#undef MMATTN_ROW_PV
+      default:
+        if constexpr (kRowNV > 4) {
+          if (nv == 5) row_pv_strip<5>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 6) row_pv_strip<6>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 7) row_pv_strip<7>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 8) row_pv_strip<8>(p, nk, v + c0, v_sl, tail, part + c0);
+        }
+        break;
+    }
+  }
+}
+
+// Online softmax of query row i of head (b, h) over s.tiles (collect_key_tiles with
+// nq = 1): leaves the row's max score in *m (-inf: no visible key), its sum
+// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats).
+void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int64_t i,
+                 float* m_out, float* l_out, float* o) {
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int64_t dpad = round_up(P.D, W);
+  float* q = s.row_q.get();
+  std::copy(P.q + b * P.q_sb + h * P.q_sh + i * P.q_sl,
+            P.q + b * P.q_sb + h * P.q_sh + i * P.q_sl + P.D, q);
+  std::fill(q + P.D, q + dpad, 0.0f);
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  float m = kNegInf, l = 0.0f;
+  std::fill(o, o + P.Dv, 0.0f);
+  float* sc = s.st.get();
+  float* part = s.part.get();
+  for (const Tile& t : s.tiles) {
+    row_scores(P, t, kb, q, sc);
+    if (tile_needs_mask(P, t)) row_mask(P, b, h, i, t, sc);
+    R mx = Vec::set1(kNegInf);
+    for (int64_t j = 0; j < t.nk; j += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, t.nk - j));
+      mx = Vec::max(mx, Vec::blend(Vec::prefix(n), Vec::load_n(sc + j, n), Vec::set1(kNegInf)));
+    }
+    const float m_new = std::max(m, lanes_max(mx, W));
+    // As in the tile path: a row with no visible key yet keeps -inf and uses 0.
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float alpha = m == m_new ? 1.0f : std::exp(m - m_use);
+    const R mu = Vec::set1(m_use);
+    R sum = Vec::zero();
+    for (int64_t j = 0; j < t.nk; j += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, t.nk - j));
+      R p = Vec::blend(Vec::prefix(n), Vec::exp(Vec::sub(Vec::load_n(sc + j, n), mu)),
+                       Vec::zero());
+      sum = Vec::add(sum, p);
+      if (P.dropout) {
+        const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(P.Lk) +
+                              static_cast<uint64_t>(t.j0 + j);
+        const M keep = Vec::dropout_keep(P.seed, base, 1, c1, P.keep_threshold);
+        p = Vec::blend(keep, Vec::mul(p, Vec::set1(P.drop_scale)), Vec::zero());
+      }
+      Vec::store_n(sc + j, p, n);
+    }
+    l = l * alpha + lanes_sum(sum);
+    row_pv(sc, t.nk, vb + t.j0 * P.v_sl, P.v_sl, P.Dv, part);
+    const R a = Vec::set1(alpha);
+    const int64_t full = P.Dv / W * W;
+    for (int64_t c = 0; c < full; c += W) {
+      Vec::store(o + c, Vec::add(Vec::mul(Vec::load(o + c), a), Vec::load(part + c)));
+    }
+    if (full < P.Dv) {
+      const int n = static_cast<int>(P.Dv - full);
+      Vec::store_n(o + full, Vec::add(Vec::mul(Vec::load_n(o + full, n), a),
+                                      Vec::load_n(part + full, n)), n);
+    }
+    m = m_new;
+  }
+  *m_out = m;
+  *l_out = l;
+}
+
+// The result of rows [i0, i0 + nq) of head bh over key range `split`: m, l (one per
+// row) and O (rows of Dv, stride Dv). One range: out = O / l and lse = m + log(l)
+// (+inf and 0 for rows with no visible key); several: the partial state (ForwardParams).
+inline void finish_rows(const ForwardParams& F, int64_t bh, int64_t i0, int64_t nq,
+                        int64_t split, const float* m, const float* l, const float* o) {
+  const Problem& P = F.p;
+  const int64_t row0 = bh * P.Lq + i0;
+  if (F.splits > 1) {
+    const int64_t rows = P.B * P.Hq * P.Lq;
+    std::copy(m, m + nq, F.part_m + split * rows + row0);
+    std::copy(l, l + nq, F.part_l + split * rows + row0);
+    std::copy(o, o + nq * P.Dv, F.part_o + (split * rows + row0) * P.Dv);
+    return;
+  }
+  alignas(64) float inv[kQueryTile];
+  for (int64_t i = 0; i < nq; ++i) {
+    inv[i] = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    F.lse[row0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kPosInf;
+  }
+  scale_rows(o, P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
+}
+
 void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   const Problem& P = F.p;
   ForwardScratch s;
@@ -684,15 +918,18 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   s.q_t = make_buffer(P.D * kQueryTile);
   s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.row_q = make_buffer(round_up(P.D, W));
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
   s.st = make_buffer(st_rows * kQueryTile);
 
   const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
   const int64_t total = F.num_items();
   for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
-    const int64_t t_in_block = item % tpb;
-    int64_t qb = (item / tpb) % nqb;
-    const int64_t bh = item / (tpb * nqb);
+    const int64_t split = item % F.splits;
+    const int64_t tile = item / F.splits;
+    const int64_t t_in_block = tile % tpb;
+    int64_t qb = (tile / tpb) % nqb;
+    const int64_t bh = tile / (tpb * nqb);
     // Causal rows get heavier with i: hand out the heavy tiles first.
     if (P.causal) qb = nqb - 1 - qb;
     const int64_t b = bh / P.Hq, h = bh % P.Hq;
@@ -700,8 +937,19 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     const int64_t i_end = std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
     const int64_t nq = i_end - i0;
     if (nq <= 0) continue;
-    const int64_t lanes = lanes_of(nq);
+    const int64_t key_lo = split * F.split_keys;
+    const int64_t key_hi = std::min(P.Lk, key_lo + F.split_keys);
 
+    if (nq <= kRowPathRows && F.weights == nullptr) {
+      for (int64_t r = 0; r < nq; ++r) {
+        collect_key_tiles(P, b, h, qb, i0 + r, 1, key_tile, key_lo, key_hi, s.tiles);
+        float* o = s.o.get() + r * P.Dv;
+        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, o);
+      }
+      finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
+      continue;
+    }
+    const int64_t lanes = lanes_of(nq);
     // Q^T tile, zero lanes beyond nq.
     float* qt = s.q_t.get();
     if (nq < lanes) {
@@ -712,22 +960,55 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     std::fill(s.l, s.l + lanes, 0.0f);
     std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
 
-    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, s.tiles);
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, key_lo, key_hi, s.tiles);
     if (F.weights) {
       forward_tile_weights(F, s, b, h, lanes);
     } else {
       forward_tile_flash(F, s, b, h, lanes);
     }
+    finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
+  }
+}
 
-    // out = O / l; lse = m + log(l), +inf for rows with no visible key.
-    const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
-    alignas(64) float inv[kQueryTile];
-    for (int64_t i = 0; i < nq; ++i) {
-      const float l = s.l[i];
-      inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
-      F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
+// Split-KV: rows [begin, end) of B * Hq * Lq from their key ranges' partial states, in
+// range order: M = max_r m_r, l = sum_r exp(m_r - M) l_r, O = sum_r exp(m_r - M) O_r,
+// out = O / l, lse = M + log(l).
+void forward_merge(const ForwardParams& F, int64_t begin, int64_t end) {
+  const Problem& P = F.p;
+  const int64_t rows = P.B * P.Hq * P.Lq;
+  const int64_t dv = P.Dv, full = dv / W * W;
+  const int tail = static_cast<int>(dv - full);
+  for (int64_t row = begin; row < end; ++row) {
+    float mx = kNegInf;
+    for (int64_t r = 0; r < F.splits; ++r) mx = std::max(mx, F.part_m[r * rows + row]);
+    float* out = F.out + row * dv;
+    if (mx == kNegInf) {
+      std::fill(out, out + dv, 0.0f);
+      F.lse[row] = kPosInf;
+      continue;
     }
-    scale_rows(s.o.get(), P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
+    float l = 0.0f;
+    std::fill(out, out + dv, 0.0f);
+    for (int64_t r = 0; r < F.splits; ++r) {
+      const float m_r = F.part_m[r * rows + row];
+      if (m_r == kNegInf) continue;  // no visible key in the range: nothing to add
+      const float w = std::exp(m_r - mx);
+      l += w * F.part_l[r * rows + row];
+      const float* o = F.part_o + (r * rows + row) * dv;
+      const R wv = Vec::set1(w);
+      for (int64_t c = 0; c < full; c += W) {
+        Vec::store(out + c, Vec::fmadd(wv, Vec::load(o + c), Vec::load(out + c)));
+      }
+      if (tail > 0) {
+        Vec::store_n(out + full, Vec::fmadd(wv, Vec::load_n(o + full, tail),
+                                            Vec::load_n(out + full, tail)), tail);
+      }
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    F.lse[row] = l > 0.0f ? mx + std::log(l) : kPosInf;
+    const R iv = Vec::set1(inv);
+    for (int64_t c = 0; c < full; c += W) Vec::store(out + c, Vec::mul(Vec::load(out + c), iv));
+    if (tail > 0) Vec::store_n(out + full, Vec::mul(Vec::load_n(out + full, tail), iv), tail);
   }
 }
 
@@ -801,7 +1082,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     if (!st) st = make_buffer(key_tile * kQueryTile);
     const float* kb = P.k + b * P.k_sb + (h / P.group()) * P.k_sh;
     const float* q_t = G.q_t + bh * P.D * G.lq_pad + i0;
-    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, tiles);
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, 0, P.Lk, tiles);
     R sum[kMaxGroups];
     for (int g = 0; g < groups; ++g) sum[g] = Vec::zero();
     for (const Tile& t : tiles) {
@@ -1017,5 +1298,5 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   }
 }
 
-const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_stats,
-                               &backward_worker};
+const KernelSet kKernelSet = {kIsaName,         &forward_worker,  &forward_merge,
+                               &backward_prepare, &backward_stats, &backward_worker};

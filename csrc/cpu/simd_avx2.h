@@ -81,6 +81,24 @@ struct Vec {
     }
   }
 
+  // Lane l of the result is the sum of the 8 lanes of r[l]: 8 horizontal sums at once
+  // (the row path's dot products, keys on lanes). A fixed tree: pairs within 128-bit
+  // lanes (unpack 32-bit, then 64-bit), then the two 128-bit halves.
+  static inline R transpose_sum(const R* r) {
+    R t[4], u[2];
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm256_add_ps(_mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                           _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    }
+    for (int i = 0; i < 2; ++i) {
+      const __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
+      u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                           _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                         _mm256_permute2f128_ps(u[0], u[1], 0x31));
+  }
+
   // exp(x) to about 1 ulp; same reduction and polynomial as the AVX-512 version,
   // 2^n built from exponent bits. Inputs below -88 give exactly 0 (n = -127
   // makes the exponent field 0), so -inf maps to 0; max(c, x) keeps NaN.
