@@ -522,6 +522,26 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
 
 std::string attention_cpu_isa() { return kernels().name; }
 
+// Test hook: the active build's dropout keep-mask for counters base[n] + lane * step,
+// (N, lanes) bool, so tests can check lanes that straddle a 2**32 boundary of the
+// 64-bit flat index against mmattn.philox.
+Tensor attention_cpu_dropout_keep(Tensor base, int64_t step, int64_t seed, int64_t counter1,
+                                  double dropout_p) {
+  STD_TORCH_CHECK(base.is_cpu() && base.scalar_type() == ScalarType::Long && base.dim() == 1,
+                  "attention_cpu_dropout_keep: base must be a 1-D CPU int64 tensor");
+  const KernelSet& ks = kernels();
+  const Tensor b = torch::stable::contiguous(base);
+  Tensor keep = torch::stable::new_empty(b, Shape{b.size(0), ks.lanes}, ScalarType::Bool);
+  const int64_t* src = b.const_data_ptr<int64_t>();
+  uint8_t* dst = static_cast<uint8_t*>(keep.mutable_data_ptr());
+  for (int64_t n = 0; n < b.size(0); ++n) {
+    ks.dropout_lanes(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[n]),
+                     static_cast<uint64_t>(step), static_cast<uint32_t>(counter1),
+                     static_cast<float>(dropout_p), dst + n * ks.lanes);
+  }
+  return keep;
+}
+
 }  // namespace
 }  // namespace mmattn::attn_cpu
 
@@ -555,11 +575,16 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
       "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
   // Which kernel build (avx512, avx2, generic) the CPU attention ops use now.
   m.def("attention_cpu_isa() -> str");
+  // Test hook: keep-mask (N, lanes) of the active build's vectorised dropout for the
+  // counters base[n] + lane * step; counter1 = b * H + h, p the dropout probability.
+  m.def("attention_cpu_dropout_keep(Tensor base, int step, int seed, int counter1, float p) "
+        "-> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
   m.impl("fused_attention_fwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_fwd_cpu));
   m.impl("fused_attention_bwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_bwd_cpu));
+  m.impl("attention_cpu_dropout_keep", TORCH_BOX(&mmattn::attn_cpu::attention_cpu_dropout_keep));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CompositeExplicitAutograd, m) {

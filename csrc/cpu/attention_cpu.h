@@ -213,7 +213,8 @@ struct BackwardParams {
   // (e.g. 3000 for logits of randn * 30) that alone would put relative errors of
   // 1e-4 into every P of the row, while plain softmax math gets P's largest
   // entries right to an ulp. Filled by backward_stats for query tiles that have
-  // such rows, 0 elsewhere.
+  // such rows, 0 elsewhere; for those tiles backward_stats also recomputes delta
+  // from the same P and dP that dS uses (see there).
   float* lam = nullptr;
   // Outputs (float32, contiguous): dq accumulates per kv chunk,
   // (num_chunks, B, Hq, Lq, D); dk (B, Hkv, Lk, D); dv (B, Hkv, Lk, Dv); zeroed.
@@ -249,9 +250,15 @@ struct KernelSet {
   void (*forward_merge)(const ForwardParams&, int64_t begin, int64_t end);
   // Fills q_t, do_t and delta for the (b, h) pairs in [begin, end).
   void (*backward_prepare)(const BackwardParams&, int64_t begin, int64_t end);
-  // Fills lam (see BackwardParams) for the query tiles it takes; after prepare.
+  // Fills lam and refines delta (see BackwardParams) for the query tiles it takes;
+  // runs after backward_prepare.
   void (*backward_stats)(const BackwardParams&, std::atomic<int64_t>* next);
   void (*backward_worker)(const BackwardParams&, std::atomic<int64_t>* next);
+  // Test hook (op attention_cpu_dropout_keep): the build's dropout keep-mask of the
+  // `lanes` counters base + lane * step (64 bits), 1 / 0 into keep[lane].
+  int lanes;
+  void (*dropout_lanes)(uint64_t seed, uint64_t base, uint64_t step, uint32_t counter1,
+                        float threshold, uint8_t* keep);
 };
 
 // Defined in the ISA units; nullptr when that unit was built without the ISA.

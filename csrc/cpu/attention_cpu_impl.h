@@ -3,8 +3,8 @@
 //
 // Included (no include guard, on purpose) by attention_cpu_{avx512,avx2,generic}.cpp
 // inside namespace mmattn::attn_cpu::<isa>, after `struct Vec` and inside that
-// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, csrc/philox.h
-// and attention_cpu.h are included before.
+// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, <type_traits>,
+// csrc/philox.h and attention_cpu.h are included before.
 //
 // Layout choice: every score tile is stored transposed, S^T[j][i] (key rows,
 // query lanes), so
@@ -30,20 +30,37 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // the softmax row sums): float32 error then grows like kSumBlock + n / kSumBlock for a
 // sum of n terms instead of like n.
 constexpr int kSumBlock = 16;
+// Sums of at most kTwoChainMax terms (the scores and dP for D <= 32) run their block
+// in two interleaved chains: one chain of 16 is about 15% less accurate than
+// PyTorch's own float32 matmul there, two are as accurate (and as fast: the B panel
+// is small). Longer sums are as accurate as matmul with one chain per block of 16,
+// and keep the wider one-chain micro-kernel (two chains need twice the registers,
+// which halves its rows and costs 5-50% for D = 64 .. 256).
+constexpr int64_t kTwoChainMax = 32;
 // The same for the GEMMs that sum over keys or queries of one tile (P . V, dV, dK, dQ):
 // their terms carry a probability factor, so float32 partial sums grow more slowly
 // than a score's sum over D, and longer blocks (fewer round trips through C) suffice.
 constexpr int kSumBlockLong = 64;
 
-// sum_k a[k] * b[k] in micro_kernel's order (fused multiply-adds in blocks of kSumBlock,
-// each block then added to the running total), so that a row dot product matches the
-// GEMM's result for the same operands bit for bit.
+// sum_k a[k] * b[k] in the order of gemm with KB = kSumBlock (fused multiply-adds in
+// blocks of kSumBlock; for n <= kTwoChainMax even offsets of a block in one chain and
+// odd ones in another, the chains then added; each block added to the running total),
+// so that a row dot product matches the GEMM's result for the same operands bit for
+// bit.
 inline float blocked_dot(const float* a, const float* b, int64_t n) {
   float total = 0.0f;
+  const bool two = n <= kTwoChainMax;
   for (int64_t k0 = 0; k0 < n; k0 += kSumBlock) {
-    const int64_t k_end = std::min(n, k0 + kSumBlock);
-    float part = 0.0f;
-    for (int64_t k = k0; k < k_end; ++k) part = Vec::fma1(a[k], b[k], part);
+    const int64_t k_end = std::min<int64_t>(n, k0 + kSumBlock);
+    float even = 0.0f, odd = 0.0f;
+    for (int64_t k = k0; k < k_end; ++k) {
+      if (!two || (k - k0) % 2 == 0) {
+        even = Vec::fma1(a[k], b[k], even);
+      } else {
+        odd = Vec::fma1(a[k], b[k], odd);
+      }
+    }
+    const float part = even + odd;
     total = k0 == 0 ? part : part + total;
   }
   return total;
@@ -72,22 +89,38 @@ struct Epilogue {
   const float* z = nullptr;
 };
 
-template <int MR, int NV, bool ACC, bool A_COL, int EPI, int KB>
+// Blocked summation over K: each block of KB products is summed from zero in
+// registers (in CH interleaved chains: products k0 + 2n in the first, k0 + 2n + 1 in
+// the second, then added) and then added to a running total kept in C itself (the
+// registers cannot hold another set of accumulators). One float32 chain over all of
+// K (e.g. a score over D = 256) has an error that grows with K; blocked, it grows
+// with KB / CH + K / KB, which keeps the kernels within the reference's error
+// at any input scale (issue 11). backward_prepare's blocked_dot sums delta in exactly
+// this order. With ACC, C's old value is the first running total. (The K blocks stay
+// inside the micro-kernel: a C tile of a score tile does not fit L1 between blocks.)
+template <int MR, int NV, bool ACC, bool A_COL, int EPI, int KB, int CH>
 inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
                          const float* __restrict b, int64_t ldb, float* __restrict c,
                          int64_t ldc, int tail_lanes, const Epilogue& epi) {
   static_assert(!(ACC && EPI != kNone), "epilogues overwrite C");
+  static_assert(CH == 1 || CH == 2, "one or two chains");
   const typename Vec::Tail tail = Vec::tail(tail_lanes);
   R acc[MR][NV];
-  // Blocked summation over K: each block of kSumBlock products is summed from zero in
-  // registers and then added to a running total kept in C itself (the registers cannot
-  // hold a second set of accumulators). One float32 chain over all of K (e.g. a score
-  // over D = 256) has an error that grows with K; with blocks it grows with
-  // kSumBlock + K / kSumBlock, which keeps the kernels within the reference's error
-  // at any input scale (issue 11). backward_prepare's blocked_dot sums delta in exactly
-  // this order. With ACC, C's old value is the first running total.
+  auto step = [&](R (&ch)[MR][NV], int64_t k) {
+    const float* bk = b + k * ldb;
+    R bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = v == NV - 1 ? Vec::load_t(bk + v * W, tail) : Vec::load(bk + v * W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) ch[r][v] = Vec::fmadd(ar, bv[v], ch[r][v]);
+    }
+  };
   bool total_in_c = ACC;
-  const float* bk = b;
   for (int64_t k0 = 0;; k0 += KB) {
     const int64_t k_end = std::min(K, k0 + KB);
 #pragma GCC unroll 8
@@ -95,19 +128,26 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
     }
-    for (int64_t k = k0; k < k_end; ++k) {
-      R bv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        bv[v] = v == NV - 1 ? Vec::load_t(bk + v * W, tail) : Vec::load(bk + v * W);
-      }
+    if constexpr (CH == 1) {
+      for (int64_t k = k0; k < k_end; ++k) step(acc, k);
+    } else {
+      R odd[MR][NV];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+        for (int v = 0; v < NV; ++v) odd[r][v] = Vec::zero();
       }
-      bk += ldb;
+      int64_t k = k0;
+      for (; k + 1 < k_end; k += 2) {
+        step(acc, k);
+        step(odd, k + 1);
+      }
+      if (k < k_end) step(acc, k);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::add(acc[r][v], odd[r][v]);
+      }
     }
     if (total_in_c) {
 #pragma GCC unroll 8
@@ -191,6 +231,22 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
   }
 }
 
+// a + b as a float32 sum in `a` and the accumulated rounding errors in `c` (TwoSum):
+// the softmax denominators add one partial sum per block of keys, so that for long
+// rows their error stays at the level of a single rounding (a + c at the end).
+template <class T>
+inline void add_compensated(T& a, T& c, T b) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float s = a + b, bp = s - a;
+    c += (a - (s - bp)) + (b - bp);
+    a = s;
+  } else {
+    const R s = Vec::add(a, b), bp = Vec::sub(s, a);
+    c = Vec::add(c, Vec::add(Vec::sub(a, Vec::sub(s, bp)), Vec::sub(b, bp)));
+    a = s;
+  }
+}
+
 // Epilogue pointers for the block of C starting at row m0, column n0.
 inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64_t ldc) {
   Epilogue o = e;
@@ -202,32 +258,71 @@ inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64
   return o;
 }
 
-template <int NV, bool ACC, bool A_COL, int EPI, int KB>
+template <int NV, bool ACC, bool A_COL, int EPI, int KB, int CH>
 inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
                        int64_t ldb, float* c, int64_t ldc, int tail, const Epilogue& epi,
                        int64_t n0) {
-  constexpr int MR = Vec::kMR;
+  // Two chains need twice the accumulators: fewer rows per micro-kernel.
+  constexpr int MR = CH == 2 ? Vec::kMR2 : Vec::kMR;
   const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR) {
-    micro_kernel<MR, NV, ACC, A_COL, EPI, KB>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
-                                          tail, offset_epilogue(epi, m0, n0, ldc));
+    micro_kernel<MR, NV, ACC, A_COL, EPI, KB, CH>(K, a + m0 * row_step, sa, b, ldb,
+                                                  c + m0 * ldc, ldc, tail,
+                                                  offset_epilogue(epi, m0, n0, ldc));
   }
   const int64_t rest = M - m0;
   const float* ar = a + m0 * row_step;
   float* cr = c + m0 * ldc;
   const Epilogue e = offset_epilogue(epi, m0, n0, ldc);
+#define MMATTN_REST(n) \
+  micro_kernel<n, NV, ACC, A_COL, EPI, KB, CH>(K, ar, sa, b, ldb, cr, ldc, tail, e)
   switch (rest) {
     case 0: break;
-    case 1: micro_kernel<1, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 2: micro_kernel<2, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 3: micro_kernel<3, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 1: MMATTN_REST(1); break;
+    case 2:
+      if constexpr (MR > 2) MMATTN_REST(2);
+      break;
+    case 3:
+      if constexpr (MR > 3) MMATTN_REST(3);
+      break;
     default:
       if constexpr (MR > 4) {
-        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e);
-        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI, KB>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 4) MMATTN_REST(4);
+        if (rest == 5) MMATTN_REST(5);
       }
       break;
+  }
+#undef MMATTN_REST
+}
+
+// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb), then
+// the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
+// A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
+// C rows are vectors; the last vector of a strip is masked, so N needs no padding.
+template <bool ACC, bool A_COL, int EPI, int KB, int CH>
+void gemm_chains(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, const Epilogue& epi) {
+  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
+  constexpr int64_t strip = Vec::kNV * W;
+  for (int64_t n0 = 0; n0 < N; n0 += strip) {
+    const int64_t width = std::min(N - n0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+#define MMATTN_STRIP(n) \
+  gemm_strip<n, ACC, A_COL, EPI, KB, CH>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0)
+    switch (nv) {
+      case 1: MMATTN_STRIP(1); break;
+      case 2: MMATTN_STRIP(2); break;
+      case 3:
+        if constexpr (Vec::kNV >= 3) MMATTN_STRIP(3);
+        break;
+      case 4:
+        if constexpr (Vec::kNV >= 4) MMATTN_STRIP(4);
+        break;
+      default: break;
+    }
+#undef MMATTN_STRIP
   }
 }
 
@@ -235,35 +330,15 @@ inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const f
 // the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
 // A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
 // C rows are vectors; the last vector of a strip is masked, so N needs no padding.
+// K is summed in blocks of KB (kSumBlock: with two chains when K <= kTwoChainMax).
 template <bool ACC, bool A_COL, int EPI = kNone, int KB = kSumBlock>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
           int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
-  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
-  constexpr int64_t strip = Vec::kNV * W;
   if (M <= 0 || N <= 0) return;
-  for (int64_t n0 = 0; n0 < N; n0 += strip) {
-    const int64_t width = std::min(N - n0, strip);
-    const int nv = static_cast<int>((width + W - 1) / W);
-    const int tail = static_cast<int>(width - (nv - 1) * W);
-    switch (nv) {
-      case 1:
-        gemm_strip<1, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        break;
-      case 2:
-        gemm_strip<2, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        break;
-      case 3:
-        if constexpr (Vec::kNV >= 3) {
-          gemm_strip<3, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        }
-        break;
-      case 4:
-        if constexpr (Vec::kNV >= 4) {
-          gemm_strip<4, ACC, A_COL, EPI, KB>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        }
-        break;
-      default: break;
-    }
+  if (KB == kSumBlock && K <= kTwoChainMax) {
+    gemm_chains<ACC, A_COL, EPI, KB, 2>(M, N, K, a, sa, b, ldb, c, ldc, epi);
+  } else {
+    gemm_chains<ACC, A_COL, EPI, KB, 1>(M, N, K, a, sa, b, ldb, c, ldc, epi);
   }
 }
 
@@ -521,6 +596,7 @@ struct ForwardScratch {
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
+  alignas(64) float lc[kQueryTile];  // flash: rounding errors of l (add_compensated)
   alignas(64) float alpha[kQueryTile];
   alignas(64) float tile_max[kQueryTile];
   std::vector<Tile> tiles;
@@ -539,7 +615,7 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     float* st = s.st.get();
     score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
     bool rescale = false;
-    R m_use[kMaxGroups], sum[kMaxGroups];
+    R m_use[kMaxGroups], l[kMaxGroups], lc[kMaxGroups];
     for (int g = 0; g < groups; ++g) {
       const R m_old = Vec::load(s.m + g * W);
       const R m_new = Vec::max(m_old, Vec::load(s.tile_max + g * W));
@@ -550,8 +626,8 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
       rescale = rescale || !Vec::mask_none(Vec::mask_not(Vec::eq(m_old, m_new)));
       Vec::store(s.alpha + g * W, alpha);
       Vec::store(s.m + g * W, m_new);
-      Vec::store(s.l + g * W, Vec::mul(Vec::load(s.l + g * W), alpha));
-      sum[g] = Vec::zero();
+      l[g] = Vec::mul(Vec::load(s.l + g * W), alpha);
+      lc[g] = Vec::mul(Vec::load(s.lc + g * W), alpha);
     }
     // Row sums in blocks of kSumBlock keys (see kSumBlock).
     for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
@@ -566,10 +642,11 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
           Vec::store(row + g * W, p);
         }
       }
-      for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+      for (int g = 0; g < groups; ++g) add_compensated(l[g], lc[g], part[g]);
     }
     for (int g = 0; g < groups; ++g) {
-      Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
+      Vec::store(s.l + g * W, l[g]);
+      Vec::store(s.lc + g * W, lc[g]);
     }
     // O = alpha * O + P . V: P^T is read as broadcasts down its columns, V rows are
     // the vectors, and only the tile's nq query rows are computed.
@@ -579,6 +656,9 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
                       P.Dv);
     if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+  }
+  for (int g = 0; g < groups; ++g) {
+    Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), Vec::load(s.lc + g * W)));
   }
 }
 
@@ -604,13 +684,14 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
                  Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
     }
   }
-  R m_use[kMaxGroups], sum[kMaxGroups];
+  R m_use[kMaxGroups], sum[kMaxGroups], sum_c[kMaxGroups];
   for (int g = 0; g < groups; ++g) {
     const R m = Vec::load(s.m + g * W);
     m_use[g] = Vec::blend(Vec::eq(m, Vec::set1(kNegInf)), Vec::zero(), m);
     sum[g] = Vec::zero();
+    sum_c[g] = Vec::zero();
   }
-  // Sums in blocks of kSumBlock keys, then over blocks (see kSumBlock).
+  // Sums in blocks of kSumBlock keys, then over blocks, compensated (see kSumBlock).
   float* st_all = s.st.get();
   for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
     float* st = st_all + s.tile_rows[ti] * lanes;
@@ -626,9 +707,10 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
           Vec::store(row + g * W, p);
         }
       }
-      for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+      for (int g = 0; g < groups; ++g) add_compensated(sum[g], sum_c[g], part[g]);
     }
   }
+  for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], sum_c[g]);
   // 1 / sum per lane, 0 for rows with no visible key (their p are all 0).
   R inv[kMaxGroups];
   for (int g = 0; g < groups; ++g) {
@@ -840,7 +922,7 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
             P.q + b * P.q_sb + h * P.q_sh + i * P.q_sl + P.D, q);
   std::fill(q + P.D, q + dpad, 0.0f);
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
-  float m = kNegInf, l = 0.0f;
+  float m = kNegInf, l = 0.0f, lc = 0.0f;
   std::fill(o, o + P.Dv, 0.0f);
   float* sc = s.st.get();
   float* part = s.part.get();
@@ -871,7 +953,9 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
       }
       Vec::store_n(sc + j, p, n);
     }
-    l = l * alpha + lanes_sum(sum);
+    l *= alpha;
+    lc *= alpha;
+    add_compensated(l, lc, lanes_sum(sum));
     row_pv(sc, t.nk, vb + t.j0 * P.v_sl, P.v_sl, P.Dv, part);
     const R a = Vec::set1(alpha);
     const int64_t full = P.Dv / W * W;
@@ -886,7 +970,7 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
     m = m_new;
   }
   *m_out = m;
-  *l_out = l;
+  *l_out = l + lc;
 }
 
 // The result of rows [i0, i0 + nq) of head bh over key range `split`: m, l (one per
@@ -958,6 +1042,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     transpose_rows(P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl, P.q_sl, nq, P.D, qt, lanes);
     std::fill(s.m, s.m + lanes, kNegInf);
     std::fill(s.l, s.l + lanes, 0.0f);
+    std::fill(s.lc, s.lc + lanes, 0.0f);
     std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
 
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, key_lo, key_hi, s.tiles);
@@ -1044,15 +1129,23 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
   }
 }
 
-// lam (see BackwardParams) for the query tiles it takes: for a tile with a row whose
-// |lse| >= kLseExact, lam_i = log sum_j exp(s_ij - lse_i) over the row's visible keys
-// (the scores computed exactly as backward_tile computes them); 0 for other tiles.
-// Key tiles whose scores all lie 40 or more below lse add less than exp(-40) each
-// and skip the exponentials.
+// For the query tiles it takes that hold a row with |lse| >= kLseExact (a peaked
+// softmax of large logits), two per-row quantities from one extra pass over the row's
+// key tiles, computed exactly as backward_tile computes P and dP (other tiles: lam 0,
+// delta as backward_prepare left it):
+//   lam_i   = log c_i with c_i = sum_j exp(s_ij - lse_i): the correction for lse's
+//             float32 rounding (see BackwardParams::lam);
+//   delta_i = sum_j P_ij Z_ij dP_ij - grad_lse_i with P = exp(s - lse) / c, from the
+//             same dP values that dS = P (dP Z - delta) then uses. In a peaked row dS
+//             is a small difference of large terms; with delta from rowsum(dO * O) the
+//             rounding errors of dP and of that sum do not cancel, and dq had twice
+//             the reference's error at logits of 20 and more.
+// Key tiles whose scores all lie 40 or more below lse add less than exp(-40) each and
+// are skipped.
 void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
   const Problem& P = G.p;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
-  Buffer st;
+  Buffer st, dp, vz;
   alignas(64) float lse[kQueryTile];
   alignas(64) float tile_max[kQueryTile];
   std::vector<Tile> tiles;
@@ -1079,34 +1172,68 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     const int64_t lanes = lanes_of(nq);
     const int groups = static_cast<int>(lanes / W);
     for (int64_t i = 0; i < lanes; ++i) lse[i] = i < nq ? row_lse[i] : kPosInf;
-    if (!st) st = make_buffer(key_tile * kQueryTile);
-    const float* kb = P.k + b * P.k_sb + (h / P.group()) * P.k_sh;
+    if (!st) {
+      st = make_buffer(key_tile * kQueryTile);
+      dp = make_buffer(key_tile * kQueryTile);
+      vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
+    }
+    const int64_t hk = h / P.group();
+    const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+    const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
     const float* q_t = G.q_t + bh * P.D * G.lq_pad + i0;
+    const float* do_t = G.do_t + bh * P.Dv * G.lq_pad + i0;
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, 0, P.Lk, tiles);
-    R sum[kMaxGroups];
-    for (int g = 0; g < groups; ++g) sum[g] = Vec::zero();
+    R c[kMaxGroups], c_err[kMaxGroups], t_sum[kMaxGroups], t_err[kMaxGroups];
+    for (int g = 0; g < groups; ++g) c[g] = c_err[g] = t_sum[g] = t_err[g] = Vec::zero();
     for (const Tile& t : tiles) {
       score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, st.get(), tile_max);
       bool significant = false;
       for (int64_t i = 0; i < nq; ++i) significant = significant || tile_max[i] - lse[i] > -40.0f;
       if (!significant) continue;
+      // dP^T = V . dO^T (with dropout drop_scale * V, then the keep-mask), as in
+      // backward_tile / backward_worker.
+      const float* v_rows = vb + t.j0 * P.v_sl;
+      int64_t v_ld = P.v_sl;
+      if (P.dropout) {
+        const float scale[1] = {P.drop_scale};
+        for (int64_t j = 0; j < t.nk; ++j) {
+          scale_rows(v_rows + j * P.v_sl, P.v_sl, 1, P.Dv, scale, vz.get() + j * P.Dv, P.Dv);
+        }
+        v_rows = vz.get();
+        v_ld = P.Dv;
+      }
+      gemm<false, false>(t.nk, lanes, P.Dv, v_rows, v_ld, do_t, G.lq_pad, dp.get(), lanes);
       for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
-        R part[kMaxGroups];
-        for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+        R pc[kMaxGroups], pt[kMaxGroups];
+        for (int g = 0; g < groups; ++g) pc[g] = pt[g] = Vec::zero();
         for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
           const float* row = st.get() + j * lanes;
+          const float* dprow = dp.get() + j * lanes;
           for (int g = 0; g < groups; ++g) {
             const R e = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(lse + g * W)));
-            part[g] = Vec::add(part[g], e);
+            R d = Vec::load(dprow + g * W);
+            if (P.dropout) d = Vec::blend(dropout_keep(P, b, h, t.i0, g, t.j0 + j), d, Vec::zero());
+            pc[g] = Vec::add(pc[g], e);
+            pt[g] = Vec::add(pt[g], Vec::mul(e, d));
           }
         }
-        for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
+        for (int g = 0; g < groups; ++g) {
+          add_compensated(c[g], c_err[g], pc[g]);
+          add_compensated(t_sum[g], t_err[g], pt[g]);
+        }
       }
     }
-    alignas(64) float sums[kQueryTile];
-    for (int g = 0; g < groups; ++g) Vec::store(sums + g * W, sum[g]);
+    alignas(64) float cs[kQueryTile], ts[kQueryTile];
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(cs + g * W, Vec::add(c[g], c_err[g]));
+      Vec::store(ts + g * W, Vec::add(t_sum[g], t_err[g]));
+    }
     for (int64_t i = 0; i < nq; ++i) {
-      lam[i] = std::isfinite(row_lse[i]) && sums[i] > 0.0f ? std::log(sums[i]) : 0.0f;
+      if (!std::isfinite(row_lse[i]) || !(cs[i] > 0.0f)) continue;
+      lam[i] = std::log(cs[i]);
+      float delta = ts[i] / cs[i];
+      if (G.grad_lse != nullptr) delta -= G.grad_lse[bh * P.Lq + i0 + i];
+      G.delta[bh * P.Lq + i0 + i] = delta;
     }
   }
 }
@@ -1298,5 +1425,14 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   }
 }
 
+void dropout_lanes(uint64_t seed, uint64_t base, uint64_t step, uint32_t counter1,
+                   float threshold, uint8_t* keep) {
+  const M m = Vec::dropout_keep(seed, base, step, counter1, threshold);
+  alignas(64) float v[W];
+  Vec::store(v, Vec::blend(m, Vec::set1(1.0f), Vec::zero()));
+  for (int l = 0; l < W; ++l) keep[l] = v[l] != 0.0f;
+}
+
 const KernelSet kKernelSet = {kIsaName,         &forward_worker,  &forward_merge,
-                               &backward_prepare, &backward_stats, &backward_worker};
+                               &backward_prepare, &backward_stats, &backward_worker,
+                               W,                 &dropout_lanes};

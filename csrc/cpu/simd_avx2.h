@@ -9,6 +9,8 @@ struct Vec {
   // 6 x 2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
   static constexpr int kMR = 6;
   static constexpr int kNV = 2;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 3;
   using R = __m256;
   using M = __m256;
 

@@ -11,6 +11,8 @@ struct Vec {
   // accumulators (6 x 4 = 24 of the 32 zmm registers, 4 for B, 1 broadcast).
   static constexpr int kMR = 6;
   static constexpr int kNV = 4;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 3;
   using R = __m512;
   using M = __mmask16;
 

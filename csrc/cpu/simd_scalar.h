@@ -7,6 +7,8 @@ struct Vec {
   static constexpr int W = 1;
   static constexpr int kMR = 4;
   static constexpr int kNV = 4;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 2;
   using R = float;
   using M = bool;
 
