@@ -12,6 +12,8 @@ Cases (float32, 2 threads unless the machine has fewer cores):
   ~0.2 (seed 004's rule, ``BlockMask.random``): against ``1.2 x density x`` mmattn's own
   dense time, and against FlexAttention compiled with ``torch.compile`` and the same
   block layout (its compile time and our first call are reported too);
+* decoding, one query row against 4096 keys, B = H = 1, 2, 4, D64 (split-KV forward):
+  ``F.scaled_dot_product_attention``, 50 calls per timing sample;
 * memory, forward + backward at Lq = Lk = 16384 (B1 H1 D64) in a fresh subprocess each:
   peak RSS growth, against SDPA; one Lq x Lk float32 matrix would be 1024 MB.
 
@@ -99,6 +101,26 @@ def dense_cases(table: Table, repeats: int) -> None:
                              repeats)
     table.add(f"return_weights {shape}", "MHA need_weights math (bmm, softmax, bmm)", anchor,
               ours, ">= 1.5x", "per-head weights")
+
+
+DECODE_LK, DECODE_CALLS = 4096, 50
+
+
+def decode_cases(table: Table, repeats: int) -> None:
+    """Decoding shapes (issue 12, section 3): Lq = 1 against many keys with few (batch,
+    head) pairs, where only a split of the keys keeps every thread busy."""
+    for bh in (1, 2, 4):
+        q, k, v = _qkv(bh, bh, 1, DECODE_LK, 64)
+        torch.testing.assert_close(mmattn.cross_attention(q, k, v),
+                                   F.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-5)
+        def calls(fn, q=q, k=k, v=v):
+            return lambda: [fn(q, k, v) for _ in range(DECODE_CALLS)]
+
+        sdpa, ours = paired_ms(calls(F.scaled_dot_product_attention),
+                               calls(mmattn.cross_attention), repeats, rounds=5)
+        table.add(f"decode fwd B{bh} H{bh} Lq1 Lk{DECODE_LK} D64",
+                  "F.scaled_dot_product_attention", sdpa / DECODE_CALLS, ours / DECODE_CALLS,
+                  ">= 1.5x", f"per call, {DECODE_CALLS} calls per sample")
 
 
 def _flex(q, k, v, layout: torch.Tensor, block: int):
@@ -207,6 +229,7 @@ def main(quick: bool = False) -> Path | None:
     table = Table(f"CPU attention, float32, {THREADS} threads, kernels: "
                   f"{cpu_backend.kernel_isa()}")
     dense_cases(table, repeats)
+    decode_cases(table, repeats)
     sparse_cases(table, repeats, with_flex=not quick)
     if not quick:
         memory_case(table)

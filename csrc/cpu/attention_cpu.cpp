@@ -391,21 +391,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     F.lse = lse.mutable_data_ptr<float>();
     F.weights = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
     plan_splits(F);
-    Tensor partials;  // split-KV state: (splits, rows, Dv + 2) = O, m, l
+    // Split-KV state, (splits, rows, Dv + 2) = O, m, l: splits happen only with few
+    // query tiles, so this is small (a plain vector: no tensor call per decoding step).
+    std::vector<float> partials;
+    const int64_t rows = d.B * d.Hq * d.Lq;
     if (F.splits > 1) {
-      const int64_t rows = d.B * d.Hq * d.Lq;
-      partials = torch::stable::new_empty(qf, Shape{F.splits * rows * (d.Dv + 2)},
-                                          ScalarType::Float);
-      F.part_o = partials.mutable_data_ptr<float>();
+      partials.resize(static_cast<size_t>(F.splits * rows * (d.Dv + 2)));
+      F.part_o = partials.data();
       F.part_m = F.part_o + F.splits * rows * d.Dv;
       F.part_l = F.part_m + F.splits * rows;
     }
     const KernelSet& ks = kernels();
     run_workers(F.num_items(), [&](std::atomic<int64_t>* next) { ks.forward_worker(F, next); });
     if (F.splits > 1) {
-      torch::stable::parallel_for(0, d.B * d.Hq * d.Lq, 16, [&](int64_t begin, int64_t end) {
-        ks.forward_merge(F, begin, end);
-      });
+      // Merging costs O(splits * rows * Dv): serial unless there is real work in it
+      // (waking the thread pool costs microseconds, as much as a decoding step's merge).
+      if (F.splits * rows * d.Dv < (int64_t{1} << 16)) {
+        ks.forward_merge(F, 0, rows);
+      } else {
+        torch::stable::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          ks.forward_merge(F, begin, end);
+        });
+      }
     }
   }
   Tensor weights_out = return_weights ? to_dtype(weights, dtype)

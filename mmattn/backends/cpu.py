@@ -104,7 +104,7 @@ def attention_forward(
     """``(out, lse, weights, out_fp32)`` from the fused CPU kernel (interface:
     :mod:`mmattn.backends`); the kernel visits only a block mask's nonempty blocks and
     skips element masking in full ones."""
-    return torch.ops.mmattn.fused_attention_fwd(
+    return torch.ops.mmattn.fused_attention_fwd.default(
         q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
         _seed_int(dropout_seed), return_weights, *_block_args(block_mask, block_size),
         keep_fp32_out)
@@ -121,7 +121,7 @@ def attention_backward(
     """``(dq, dk, dv, None)`` from the fused CPU kernel (interface: :mod:`mmattn.backends`);
     ``out`` may be the forward's float32 ``out_fp32`` for half inputs, and ``grad_lse``
     enters as ``delta_i = rowsum(dO_i * O_i) - grad_lse_i``."""
-    dq, dk, dv = torch.ops.mmattn.fused_attention_bwd(
+    dq, dk, dv = torch.ops.mmattn.fused_attention_bwd.default(
         grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
         _seed_int(dropout_seed), *_block_args(block_mask, block_size), grad_lse)
     return dq, dk, dv, None
