@@ -18,6 +18,12 @@ Kernel facts (see the C++ sources for the why):
 * instruction set picked at run time: AVX-512, AVX2+FMA or portable C++;
   ``MMATTN_CPU_ISA=avx512|avx2|generic`` forces one (tests use it), and
   :func:`kernel_isa` tells which one runs;
+* float32 sums in blocks (errors at or below PyTorch's float32 math for logits up to
+  thousands); the backward corrects the saved lse's rounding and recomputes
+  ``delta = rowsum(P * dP)`` for rows with ``|lse| >= 8``;
+* few query tiles (decoding) split the keys and merge through the log-sum-exp;
+  forward and backward are bitwise deterministic for any thread count (the work
+  split depends on the shape only);
 * ws_linear kernels take 2-D ``(batch, features)`` inputs with any strides (leading
   dimensions are flattened here) and are deterministic for any thread count.
 """
