@@ -33,8 +33,10 @@ constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTileFwd = 128;
 constexpr int64_t kKeyTileBwd = 64;
 constexpr int64_t kMaxKeyTile = 256;
-// |lse| from which the backward corrects lse's float32 rounding (BackwardParams::lam):
-// below it the rounding error is at most 2^-22 relative, a few ulp of P.
+// The backward corrects lse's float32 rounding and recomputes delta (BackwardParams::lam)
+// for rows with |lse| >= kLseExact + log(Lk). Below 8 lse's rounding error is at most
+// 2^-22 relative, a few ulp of P; the log(Lk) spares the flat rows of long key sets
+// (lse ~ log(Lk), every P small), which need neither, the cost of the extra pass.
 constexpr float kLseExact = 8.0f;
 
 // Per-thread scratch: 64-byte aligned (a cache line, a zmm register), so the
@@ -209,7 +211,7 @@ struct BackwardParams {
   float* delta = nullptr;
   // Per row (B, Hq, Lq): lam = log sum_j exp(s_ij - lse_i), the correction for
   // lse's float32 rounding, so that P = exp((s - lse) - lam) sums to 1 to float32
-  // accuracy. lse is rounded to half an ulp of |lse|: for |lse| >= kLseExact
+  // accuracy. lse is rounded to half an ulp of |lse|: for large |lse|
   // (e.g. 3000 for logits of randn * 30) that alone would put relative errors of
   // 1e-4 into every P of the row, while plain softmax math gets P's largest
   // entries right to an ulp. Filled by backward_stats for query tiles that have

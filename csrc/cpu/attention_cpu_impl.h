@@ -37,21 +37,25 @@ constexpr int kSumBlock = 16;
 // and keep the wider one-chain micro-kernel (two chains need twice the registers,
 // which halves its rows and costs 5-50% for D = 64 .. 256).
 constexpr int64_t kTwoChainMax = 32;
+// Sums over more than 128 terms (D = 256) take blocks of 32: half the round trips
+// through C (about 5% of such a forward), and still as accurate as matmul there.
+inline int64_t short_block(int64_t K) { return K > 128 ? 2 * kSumBlock : kSumBlock; }
 // The same for the GEMMs that sum over keys or queries of one tile (P . V, dV, dK, dQ):
 // their terms carry a probability factor, so float32 partial sums grow more slowly
 // than a score's sum over D, and longer blocks (fewer round trips through C) suffice.
 constexpr int kSumBlockLong = 64;
 
 // sum_k a[k] * b[k] in the order of gemm with KB = kSumBlock (fused multiply-adds in
-// blocks of kSumBlock; for n <= kTwoChainMax even offsets of a block in one chain and
+// blocks of short_block(n); for n <= kTwoChainMax even offsets of a block in one chain and
 // odd ones in another, the chains then added; each block added to the running total),
 // so that a row dot product matches the GEMM's result for the same operands bit for
 // bit.
 inline float blocked_dot(const float* a, const float* b, int64_t n) {
   float total = 0.0f;
   const bool two = n <= kTwoChainMax;
-  for (int64_t k0 = 0; k0 < n; k0 += kSumBlock) {
-    const int64_t k_end = std::min<int64_t>(n, k0 + kSumBlock);
+  const int64_t kb = short_block(n);
+  for (int64_t k0 = 0; k0 < n; k0 += kb) {
+    const int64_t k_end = std::min<int64_t>(n, k0 + kb);
     float even = 0.0f, odd = 0.0f;
     for (int64_t k = k0; k < k_end; ++k) {
       if (!two || (k - k0) % 2 == 0) {
@@ -89,15 +93,16 @@ struct Epilogue {
   const float* z = nullptr;
 };
 
-// Blocked summation over K: each block of KB products is summed from zero in
-// registers (in CH interleaved chains: products k0 + 2n in the first, k0 + 2n + 1 in
-// the second, then added) and then added to a running total kept in C itself (the
-// registers cannot hold another set of accumulators). One float32 chain over all of
-// K (e.g. a score over D = 256) has an error that grows with K; blocked, it grows
-// with KB / CH + K / KB, which keeps the kernels within the reference's error
-// at any input scale (issue 11). backward_prepare's blocked_dot sums delta in exactly
-// this order. With ACC, C's old value is the first running total. (The K blocks stay
-// inside the micro-kernel: a C tile of a score tile does not fit L1 between blocks.)
+// Blocked summation over K: each block of KB products (short_block(K) for kSumBlock) is
+// summed from zero in registers (in CH interleaved chains: products k0 + 2n in the
+// first, k0 + 2n + 1 in the second, then added) and then added to a running total kept
+// in C itself (the registers cannot hold another set of accumulators). One float32
+// chain over all of K (e.g. a score over D = 256) has an error that grows with K;
+// blocked, it grows with KB / CH + K / KB, which keeps the kernels within the
+// reference's error at any input scale (issue 11). backward_prepare's blocked_dot sums
+// delta in exactly this order. With ACC, C's old value is the first running total.
+// (The K blocks stay inside the micro-kernel: a score tile's C does not fit L1 between
+// blocks.)
 template <int MR, int NV, bool ACC, bool A_COL, int EPI, int KB, int CH>
 inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
                          const float* __restrict b, int64_t ldb, float* __restrict c,
@@ -121,8 +126,9 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
     }
   };
   bool total_in_c = ACC;
-  for (int64_t k0 = 0;; k0 += KB) {
-    const int64_t k_end = std::min(K, k0 + KB);
+  const int64_t kb = KB == kSumBlock ? short_block(K) : KB;
+  for (int64_t k0 = 0;; k0 += kb) {
+    const int64_t k_end = std::min(K, k0 + kb);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
@@ -330,7 +336,8 @@ void gemm_chains(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, co
 // the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
 // A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
 // C rows are vectors; the last vector of a strip is masked, so N needs no padding.
-// K is summed in blocks of KB (kSumBlock: with two chains when K <= kTwoChainMax).
+// K is summed in blocks of KB (kSumBlock: short_block(K), with two chains when
+// K <= kTwoChainMax).
 template <bool ACC, bool A_COL, int EPI = kNone, int KB = kSumBlock>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
           int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
@@ -652,8 +659,8 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     // the vectors, and only the tile's nq query rows are computed.
     // The tile's P . V is summed apart, then O = alpha * O + part: float32
     // error grows with the tile length, not with Lk.
-    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
-                      P.Dv);
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
+                                            P.v_sl, s.part.get(), P.Dv);
     if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
@@ -758,8 +765,8 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
         }
       }
     }
-    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
-                      P.Dv);
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
+                                            P.v_sl, s.part.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
 }
@@ -1129,7 +1136,7 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
   }
 }
 
-// For the query tiles it takes that hold a row with |lse| >= kLseExact (a peaked
+// For the query tiles it takes that hold a row with |lse| >= kLseExact + log(Lk) (a peaked
 // softmax of large logits), two per-row quantities from one extra pass over the row's
 // key tiles, computed exactly as backward_tile computes P and dP (other tiles: lam 0,
 // delta as backward_prepare left it):
@@ -1151,6 +1158,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
   std::vector<Tile> tiles;
   const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
   const int64_t total = G.num_stat_items();
+  const float limit = kLseExact + std::log(static_cast<float>(std::max<int64_t>(P.Lk, 1)));
   for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
     const int64_t t_in_block = item % tpb;
     const int64_t qb = (item / tpb) % nqb;
@@ -1166,7 +1174,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     std::fill(lam, lam + nq, 0.0f);
     bool needed = false;
     for (int64_t i = 0; i < nq; ++i) {
-      needed = needed || (std::isfinite(row_lse[i]) && std::fabs(row_lse[i]) >= kLseExact);
+      needed = needed || (std::isfinite(row_lse[i]) && std::fabs(row_lse[i]) >= limit);
     }
     if (!needed) continue;
     const int64_t lanes = lanes_of(nq);
@@ -1365,13 +1373,16 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   dscores.lane = s.delta;
   dscores.p = st;
   dscores.z = z;
-  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, v_rows, v_ld, G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
+  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, v_rows, v_ld,
+                               G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
                                dscores);
   // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
-  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
-                     P.q_sl, part, P.D);
+  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes,
+                                           P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+                                           P.q_sl, part, P.D);
   add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
-  gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
+  gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl,
+                                          P.k_sl, part, P.D);
   add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
 }
 
