@@ -14,7 +14,8 @@ Anchors:
 
 Sweeps (each at the family's base shape otherwise): ``Lk`` with ``Lq`` small and ``Lq``
 with ``Lk`` small (the cross-modal extremes: a few text queries over many image or audio
-keys, and the reverse), ``head_dim``, ``gqa`` (``Hq / Hkv``), ``batch`` and ``dtype``.
+keys, and the reverse), ``head_dim``, ``gqa`` (``Hq / Hkv``), ``batch``, ``dtype`` and
+``decode`` (one query over 4096 keys with ``B = H`` small: the split-KV forward).
 FLOPs: ``2 B Hq Lq Lk (D + Dv)`` forward, 2.5x that backward (five matmuls instead of
 two), 3.5x forward+backward.
 """
@@ -72,6 +73,7 @@ SWEEPS: dict[tuple[str, str], dict[str, Any]] = {
         "head_dim": ([32, 64, 128], {}, _TRAIN), "gqa": ([1, 2, 4, 8], {}, _TRAIN),
         "batch": ([1, 4, 16], {}, _TRAIN),
         "dtype": (["float32", "bfloat16", "float16"], {}, _TRAIN),
+        "decode": ([1, 2, 4], {"Lq": 1, "Lk": 4096}, ("fwd",)),
         "headline": _TRAIN,
     },
     ("cpu", "full"): {
@@ -81,6 +83,7 @@ SWEEPS: dict[tuple[str, str], dict[str, Any]] = {
         "head_dim": ([16, 32, 64, 128, 256], {}, _ALL), "gqa": ([1, 2, 4, 8], {}, _ALL),
         "batch": ([1, 2, 4, 8, 16, 32], {}, _ALL),
         "dtype": (["float32", "bfloat16", "float16"], {}, _ALL),
+        "decode": ([1, 2, 4, 8], {"Lq": 1, "Lk": 4096}, ("fwd",)),
         "headline": _TRAIN,
     },
     ("cuda", "smoke"): {
@@ -133,6 +136,8 @@ def cases(selection: Selection) -> list[Case]:
             params = {**base, **fixed}
             if sweep == "gqa":
                 params["Hkv"] = max(1, params["Hq"] // v)
+            elif sweep == "decode":  # one new token, B = H = v: the split-KV forward's case
+                params["B"] = params["Hq"] = params["Hkv"] = v
             else:
                 params[_SWEPT[sweep]] = v
             out.extend(_case(f"{FAMILY}.{d}", dict(params), sweep) for d in directions)

@@ -337,10 +337,19 @@ def test_opcheck_kernel_ops():
     args = (q, k, v, mask, torch.rand(1, 9) < 0.2, True, 0.2, 0.5, 11, True,
             *cpu_backend._NO_BLOCKS)
     torch.library.opcheck(torch.ops.mmattn.fused_attention_fwd.default, args)
-    out, lse, _ = torch.ops.mmattn.fused_attention_fwd(*args)
+    out, lse, _, out_fp32 = torch.ops.mmattn.fused_attention_fwd(*args)
+    assert out_fp32.numel() == 0  # float32 inputs: nothing extra to keep
     grad_out = torch.randn_like(out)
     torch.library.opcheck(torch.ops.mmattn.fused_attention_bwd.default,
                           (grad_out, q, k, v, out, lse, *args[3:9], *cpu_backend._NO_BLOCKS))
+    torch.library.opcheck(torch.ops.mmattn.fused_attention_bwd.default,
+                          (grad_out, q, k, v, out, lse, *args[3:9], *cpu_backend._NO_BLOCKS,
+                           torch.randn_like(lse)))
+    half_args = (q.bfloat16(), k.bfloat16(), v.bfloat16(), *args[3:], True)
+    torch.library.opcheck(torch.ops.mmattn.fused_attention_fwd.default, half_args)
+    out, lse, _, out_fp32 = torch.ops.mmattn.fused_attention_fwd(*half_args)
+    assert out_fp32.dtype == torch.float32 and out_fp32.shape == out.shape
+    torch.testing.assert_close(out_fp32.bfloat16(), out, rtol=0, atol=0)
 
 
 def test_opcheck_attention_forward_with_cpu_backend():
@@ -483,7 +492,7 @@ def test_kernel_reads_partial_masks_of_any_extent():
         # the cut masks hide elements the stored ones show: the extent is read
         assert torch.equal(dense, block_mask.to_dense()) == (masks.shape[1:] != (11, 20))
         args = (*tensors[:6], masks, bq, bk)
-        out, lse, _ = torch.ops.mmattn.fused_attention_fwd(
+        out, lse, _, _ = torch.ops.mmattn.fused_attention_fwd(
             q, k, v, None, None, False, 0.0, 0.3, 0, False, *args)
         ref, ref_lse, _, _ = backends.reference.attention_forward(
             q, k, v, dense.expand(1, 2, lq, lk), None, False, 0.0, 0.3, None, False)

@@ -1,6 +1,6 @@
 // Fused attention on CPU: op schemas, launchers and the run-time ISA choice.
 //
-//   mmattn::fused_attention_fwd -> (out, lse, weights)
+//   mmattn::fused_attention_fwd -> (out, lse, weights, out_fp32)
 //   mmattn::fused_attention_bwd -> (dq, dk, dv)
 //   mmattn::attention_cpu_isa   -> name of the kernel build a call would use
 //
@@ -380,14 +380,14 @@ Tensor to_dtype(const Tensor& t, ScalarType dtype) {
 
 // ---------------------------------------------------------------- forward
 
-std::tuple<Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> attn_mask,
     std::optional<Tensor> key_padding_mask, bool is_causal, double dropout_p, double scale,
     int64_t dropout_seed, bool return_weights, std::optional<Tensor> kv_num_blocks,
     std::optional<Tensor> kv_indices, std::optional<Tensor> q_num_blocks,
     std::optional<Tensor> q_indices, std::optional<Tensor> full_blocks,
     std::optional<Tensor> partial_index, std::optional<Tensor> partial_masks, int64_t block_q,
-    int64_t block_k) {
+    int64_t block_k, bool keep_fp32_out) {
   const Dims d = check_qkv(q, k, v);
   const ScalarType dtype = q.scalar_type();
   const Tensor qf = as_float_rows(q), kf = as_float_rows(k), vf = as_float_rows(v);
@@ -413,12 +413,38 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     F.out = out.mutable_data_ptr<float>();
     F.lse = lse.mutable_data_ptr<float>();
     F.weights = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
+    plan_splits(F);
+    // Split-KV state, (splits, rows, Dv + 2) = O, m, l: splits happen only with few
+    // query tiles, so this is small (a plain vector: no tensor call per decoding step).
+    std::vector<float> partials;
+    const int64_t rows = d.B * d.Hq * d.Lq;
+    if (F.splits > 1) {
+      partials.resize(static_cast<size_t>(F.splits * rows * (d.Dv + 2)));
+      F.part_o = partials.data();
+      F.part_m = F.part_o + F.splits * rows * d.Dv;
+      F.part_l = F.part_m + F.splits * rows;
+    }
     const KernelSet& ks = kernels();
     run_workers(F.num_items(), [&](std::atomic<int64_t>* next) { ks.forward_worker(F, next); });
+    if (F.splits > 1) {
+      // Merging costs O(splits * rows * Dv): serial unless there is real work in it
+      // (waking the thread pool costs microseconds, as much as a decoding step's merge).
+      if (F.splits * rows * d.Dv < (int64_t{1} << 16)) {
+        ks.forward_merge(F, 0, rows);
+      } else {
+        torch::stable::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          ks.forward_merge(F, begin, end);
+        });
+      }
+    }
   }
   Tensor weights_out = return_weights ? to_dtype(weights, dtype)
                                       : torch::stable::new_empty(q, Shape{0});
-  return {to_dtype(out, dtype), lse, weights_out};
+  // The kernels' float32 output before rounding, for the backward's rowsum(dO * O)
+  // (rounding O to half precision first costs dq its accuracy, issue 11).
+  const bool keep = keep_fp32_out && dtype != ScalarType::Float;
+  Tensor out_fp32 = keep ? out : torch::stable::new_empty(q, Shape{0});
+  return {to_dtype(out, dtype), lse, weights_out, out_fp32};
 }
 
 // ---------------------------------------------------------------- backward
@@ -430,7 +456,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     std::optional<Tensor> kv_indices, std::optional<Tensor> q_num_blocks,
     std::optional<Tensor> q_indices, std::optional<Tensor> full_blocks,
     std::optional<Tensor> partial_index, std::optional<Tensor> partial_masks, int64_t block_q,
-    int64_t block_k) {
+    int64_t block_k, std::optional<Tensor> grad_lse) {
   const Dims d = check_qkv(q, k, v);
   const ScalarType dtype = q.scalar_type();
   const Shape out_shape{d.B, d.Hq, d.Lq, d.Dv};
@@ -447,6 +473,14 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   const Tensor qf = as_float_rows(q), kf = as_float_rows(k), vf = as_float_rows(v);
   const Tensor gf = as_float_rows(grad_out), of = as_float_rows(out);
   const Tensor lse_c = torch::stable::contiguous(lse);
+  Tensor grad_lse_c;
+  if (grad_lse.has_value()) {
+    const Tensor& g = *grad_lse;
+    STD_TORCH_CHECK(g.is_cpu() && g.dim() == 3 && g.size(0) == d.B && g.size(1) == d.Hq &&
+                        g.size(2) == d.Lq && is_kernel_dtype(g.scalar_type()),
+                    "fused attention backward: grad_lse must be a CPU float tensor (B, Hq, Lq)");
+    grad_lse_c = torch::stable::contiguous(to_dtype(g, ScalarType::Float));
+  }
 
   BackwardParams G;
   Problem& p = G.p;
@@ -455,14 +489,16 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   set_problem(p, d, qf, kf, vf, scale, attn_mask, key_padding_mask, is_causal, dropout_p,
               dropout_seed, blocks);
 
-  // Items are (b, kv head, chunk of keys); split keys only when there are too
-  // few (b, kv head) pairs to keep every thread busy. Each chunk then needs
-  // its own dq accumulator (summed below), so chunks stay few.
-  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  // Items are (b, kv head, chunk of keys); the keys are split when there are
+  // fewer than kBwdTargetItems (b, kv head) pairs. Each chunk needs its own dq
+  // accumulator (summed below, in chunk order), so chunks stay few and their
+  // memory bounded. The split depends on the shape only, never on the thread
+  // count: gradients are the same bits for any number of threads.
   const int64_t pairs = std::max<int64_t>(1, d.B * d.Hkv);
-  int64_t chunks = 1;
-  if (pairs < 2 * threads && pairs % threads != 0) chunks = (2 * threads + pairs - 1) / pairs;
-  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, G.key_units()));
+  const int64_t dq_numel = std::max<int64_t>(1, d.B * d.Hq * d.Lq * d.D);
+  int64_t chunks = (kBwdTargetItems + pairs - 1) / pairs;
+  chunks = std::min({chunks, G.key_units(), std::max<int64_t>(1, kBwdChunkFloats / dq_numel)});
+  chunks = std::max<int64_t>(1, chunks);
   G.num_chunks = chunks;
 
   Tensor dq_acc = new_output(qf, Shape{chunks, d.B, d.Hq, d.Lq, d.D}, true);
@@ -474,14 +510,17 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     G.out = of.const_data_ptr<float>();
     G.o_sb = of.stride(0), G.o_sh = of.stride(1), G.o_sl = of.stride(2);
     G.lse = lse_c.const_data_ptr<float>();
+    G.grad_lse = grad_lse.has_value() ? grad_lse_c.const_data_ptr<float>() : nullptr;
     // Lanes of a query tile may run up to W - 1 past Lq: pad by 16 (zeros).
     G.lq_pad = (d.Lq + 16 + 15) / 16 * 16;
     Tensor q_t = new_output(qf, Shape{d.B * d.Hq, d.D, G.lq_pad}, false);
     Tensor do_t = new_output(qf, Shape{d.B * d.Hq, std::max<int64_t>(d.Dv, 1), G.lq_pad}, false);
     Tensor delta = torch::stable::new_empty(qf, Shape{d.B * d.Hq, d.Lq}, ScalarType::Float);
+    Tensor lam = torch::stable::new_empty(qf, Shape{d.B * d.Hq, d.Lq}, ScalarType::Float);
     G.q_t = q_t.mutable_data_ptr<float>();
     G.do_t = do_t.mutable_data_ptr<float>();
     G.delta = delta.mutable_data_ptr<float>();
+    G.lam = lam.mutable_data_ptr<float>();
     G.dq = dq_acc.mutable_data_ptr<float>();
     G.dk = dk.mutable_data_ptr<float>();
     G.dv = dv.mutable_data_ptr<float>();
@@ -489,14 +528,49 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     torch::stable::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
       ks.backward_prepare(G, begin, end);
     });
+    run_workers(G.num_stat_items(),
+                [&](std::atomic<int64_t>* next) { ks.backward_stats(G, next); });
     run_workers(G.num_items(), [&](std::atomic<int64_t>* next) { ks.backward_worker(G, next); });
   }
-  Tensor dq = chunks == 1 ? torch::stable::select(dq_acc, 0, 0)
-                          : torch::stable::sum(dq_acc, Shape{0});
+  Tensor dq = torch::stable::select(dq_acc, 0, 0);
+  if (chunks > 1) {
+    // dq = sum of the chunks' accumulators in chunk order (each element by one task).
+    dq = torch::stable::new_empty(qf, Shape{d.B, d.Hq, d.Lq, d.D}, ScalarType::Float);
+    const float* acc = dq_acc.const_data_ptr<float>();
+    float* sum = dq.mutable_data_ptr<float>();
+    const int64_t n = d.B * d.Hq * d.Lq * d.D;
+    torch::stable::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+      std::copy(acc + begin, acc + end, sum + begin);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = acc + c * n;
+        for (int64_t e = begin; e < end; ++e) sum[e] += part[e];
+      }
+    });
+  }
   return {to_dtype(dq, dtype), to_dtype(dk, dtype), to_dtype(dv, dtype)};
 }
 
 std::string attention_cpu_isa() { return kernels().name; }
+
+// Test hook: the active build's dropout keep-mask for counters base[n] + lane * step,
+// (N, lanes) bool, so tests can check lanes that straddle a 2**32 boundary of the
+// 64-bit flat index against mmattn.philox.
+Tensor attention_cpu_dropout_keep(Tensor base, int64_t step, int64_t seed, int64_t counter1,
+                                  double dropout_p) {
+  STD_TORCH_CHECK(base.is_cpu() && base.scalar_type() == ScalarType::Long && base.dim() == 1,
+                  "attention_cpu_dropout_keep: base must be a 1-D CPU int64 tensor");
+  const KernelSet& ks = kernels();
+  const Tensor b = torch::stable::contiguous(base);
+  Tensor keep = torch::stable::new_empty(b, Shape{b.size(0), ks.lanes}, ScalarType::Bool);
+  const int64_t* src = b.const_data_ptr<int64_t>();
+  uint8_t* dst = static_cast<uint8_t*>(keep.mutable_data_ptr());
+  for (int64_t n = 0; n < b.size(0); ++n) {
+    ks.dropout_lanes(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[n]),
+                     static_cast<uint64_t>(step), static_cast<uint32_t>(counter1),
+                     static_cast<float>(dropout_p), dst + n * ks.lanes);
+  }
+  return keep;
+}
 
 }  // namespace
 }  // namespace mmattn::attn_cpu
@@ -508,29 +582,39 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   // (B, Lk) True = pad); the block-mask tensors are mmattn.BlockMask's
   // compressed fields (all given or all None) with block sizes block_q, block_k.
   // Returns out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32 (+inf for
-  // rows with no visible key), weights (B, Hq, Lq, Lk) or an empty tensor.
+  // rows with no visible key), weights (B, Hq, Lq, Lk) or an empty tensor, and
+  // out_fp32: with keep_fp32_out and half-precision q the float32 output before
+  // rounding (B, Hq, Lq, Dv), else an empty tensor.
   m.def(
       "fused_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
       "Tensor? key_padding_mask, bool is_causal, float dropout_p, float scale, "
       "int dropout_seed, bool return_weights, Tensor? kv_num_blocks, Tensor? kv_indices, "
       "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_blocks, Tensor? partial_index, "
-      "Tensor? partial_masks, int block_q, int block_k) -> (Tensor, Tensor, Tensor)");
+      "Tensor? partial_masks, int block_q, int block_k, bool keep_fp32_out=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients (dq, dk, dv) from the forward's out and lse; dropout regenerates
-  // the forward's Philox mask from the same seed.
+  // the forward's Philox mask from the same seed. `out` may be float32 for half
+  // inputs (the forward's out_fp32); grad_lse (B, Hq, Lq), the gradient flowing
+  // into lse, or None.
   m.def(
       "fused_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, "
       "float dropout_p, float scale, int dropout_seed, Tensor? kv_num_blocks, "
       "Tensor? kv_indices, Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_blocks, "
-      "Tensor? partial_index, Tensor? partial_masks, int block_q, int block_k) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? partial_index, Tensor? partial_masks, int block_q, int block_k, "
+      "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
   // Which kernel build (avx512, avx2, generic) the CPU attention ops use now.
   m.def("attention_cpu_isa() -> str");
+  // Test hook: keep-mask (N, lanes) of the active build's vectorised dropout for the
+  // counters base[n] + lane * step; counter1 = b * H + h, p the dropout probability.
+  m.def("attention_cpu_dropout_keep(Tensor base, int step, int seed, int counter1, float p) "
+        "-> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
   m.impl("fused_attention_fwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_fwd_cpu));
   m.impl("fused_attention_bwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_bwd_cpu));
+  m.impl("attention_cpu_dropout_keep", TORCH_BOX(&mmattn::attn_cpu::attention_cpu_dropout_keep));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CompositeExplicitAutograd, m) {

@@ -15,6 +15,7 @@
 //   True = padding. Causal: key j visible to query i iff j <= i.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -32,6 +33,11 @@ constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTileFwd = 128;
 constexpr int64_t kKeyTileBwd = 64;
 constexpr int64_t kMaxKeyTile = 256;
+// The backward corrects lse's float32 rounding and recomputes delta (BackwardParams::lam)
+// for rows with |lse| >= kLseExact + log(Lk). Below 8 lse's rounding error is at most
+// 2^-22 relative, a few ulp of P; the log(Lk) spares the flat rows of long key sets
+// (lse ~ log(Lk), every P small), which need neither, the cost of the extra pass.
+constexpr float kLseExact = 8.0f;
 
 // Per-thread scratch: 64-byte aligned (a cache line, a zmm register), so the
 // vector rows of the score tiles never straddle cache lines.
@@ -141,11 +147,52 @@ struct ForwardParams {
   float* out = nullptr;      // (B, Hq, Lq, Dv) contiguous
   float* lse = nullptr;      // (B, Hq, Lq) contiguous, +inf for rows with no visible key
   float* weights = nullptr;  // (B, Hq, Lq, Lk) contiguous, or nullptr
-  // Work items: (b, h, q block, tile within block).
-  inline int64_t num_items() const {
+  // Split-KV (decoding shapes: few query tiles, many keys): the keys are cut into
+  // `splits` ranges of split_keys (a multiple of the key tile or block), each work
+  // item handles one range and leaves its partial softmax state per row,
+  //   part_m = max score, part_l = sum exp(s - part_m), part_o = sum exp(s - part_m) Z V,
+  // each (splits, B * Hq * Lq[, Dv]) contiguous; forward_merge then combines the
+  // ranges through their log-sum-exp, in range order. The split depends on the
+  // shape only (plan_splits), never on threads or timing: results are the same
+  // bits for any thread count.
+  int64_t splits = 1;
+  int64_t split_keys = 0;
+  float* part_o = nullptr;
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  inline int64_t num_tiles() const {
     return p.B * p.Hq * p.num_q_blocks() * p.tiles_per_q_block();
   }
+  // Work items: (b, h, q block, tile within block, key range).
+  inline int64_t num_items() const { return num_tiles() * splits; }
 };
+
+// Backward: (batch, kv head) pairs below which the keys are split into chunks, and
+// the most floats of the chunks' dq accumulators together (unless one chunk).
+constexpr int64_t kBwdTargetItems = 16;
+constexpr int64_t kBwdChunkFloats = int64_t{1} << 23;
+
+// Work items below which the forward splits the keys, and the fewest keys per split.
+constexpr int64_t kSplitTargetItems = 32;
+constexpr int64_t kMinSplitKeys = 256;
+
+// Splits the keys of a forward with few work items (see ForwardParams); none when the
+// weights are returned (they need each row's final statistics in one item).
+inline void plan_splits(ForwardParams& F) {
+  const Problem& p = F.p;
+  F.splits = 1;
+  F.split_keys = p.Lk;
+  const int64_t tiles = F.num_tiles();
+  if (F.weights != nullptr || tiles <= 0 || tiles >= kSplitTargetItems) return;
+  const int64_t unit = p.blocks.present ? p.blocks.bk : kKeyTileFwd;
+  const int64_t min_keys = (kMinSplitKeys + unit - 1) / unit * unit;
+  const int64_t most = (p.Lk + min_keys - 1) / min_keys;
+  const int64_t wanted = std::min((kSplitTargetItems + tiles - 1) / tiles, most);
+  if (wanted <= 1) return;
+  const int64_t per = (p.Lk + wanted - 1) / wanted;
+  F.split_keys = (per + unit - 1) / unit * unit;
+  F.splits = (p.Lk + F.split_keys - 1) / F.split_keys;
+}
 
 struct BackwardParams {
   Problem p;
@@ -154,12 +201,25 @@ struct BackwardParams {
   const float* out = nullptr;   // forward output, same layout as dout
   int64_t o_sb = 0, o_sh = 0, o_sl = 0;
   const float* lse = nullptr;   // (B, Hq, Lq) contiguous
+  // Gradient flowing into lse, (B, Hq, Lq) contiguous, or nullptr: since
+  // d lse_i / d s_ij = P_ij it enters as delta_i -= grad_lse_i.
+  const float* grad_lse = nullptr;
   // Workspace filled by backward_prepare: per (b, h) the transposes of q and
-  // dout, (D, Lq_pad) and (Dv, Lq_pad), and delta = rowsum(dout * out), (Lq,).
+  // dout, (D, Lq_pad) and (Dv, Lq_pad), and delta = rowsum(dout * out) - grad_lse,
+  // (Lq,).
   int64_t lq_pad = 0;
   float* q_t = nullptr;
   float* do_t = nullptr;
   float* delta = nullptr;
+  // Per row (B, Hq, Lq): lam = log sum_j exp(s_ij - lse_i), the correction for
+  // lse's float32 rounding, so that P = exp((s - lse) - lam) sums to 1 to float32
+  // accuracy. lse is rounded to half an ulp of |lse|: for large |lse|
+  // (e.g. 3000 for logits of randn * 30) that alone would put relative errors of
+  // 1e-4 into every P of the row, while plain softmax math gets P's largest
+  // entries right to an ulp. Filled by backward_stats for query tiles that have
+  // such rows, 0 elsewhere; for those tiles backward_stats also recomputes delta
+  // from the same P and dP that dS uses (see there).
+  float* lam = nullptr;
   // Outputs (float32, contiguous): dq accumulates per kv chunk,
   // (num_chunks, B, Hq, Lq, D); dk (B, Hkv, Lk, D); dv (B, Hkv, Lk, Dv); zeroed.
   float* dq = nullptr;
@@ -178,6 +238,10 @@ struct BackwardParams {
   // Work items: (b, kv head, chunk of key units); an item owns its dk/dv rows
   // and its dq chunk slice, so items never race.
   inline int64_t num_items() const { return p.B * p.Hkv * num_chunks; }
+  // Work items of backward_stats: (b, h, q block, tile within block), as the forward.
+  inline int64_t num_stat_items() const {
+    return p.B * p.Hq * p.num_q_blocks() * p.tiles_per_q_block();
+  }
 };
 
 // One instruction-set version of the kernels. `next` is a shared work-queue
@@ -186,9 +250,19 @@ struct BackwardParams {
 struct KernelSet {
   const char* name;
   void (*forward_worker)(const ForwardParams&, std::atomic<int64_t>* next);
+  // Split-KV: combines the partial states of rows [begin, end) of B * Hq * Lq.
+  void (*forward_merge)(const ForwardParams&, int64_t begin, int64_t end);
   // Fills q_t, do_t and delta for the (b, h) pairs in [begin, end).
   void (*backward_prepare)(const BackwardParams&, int64_t begin, int64_t end);
+  // Fills lam and refines delta (see BackwardParams) for the query tiles it takes;
+  // runs after backward_prepare.
+  void (*backward_stats)(const BackwardParams&, std::atomic<int64_t>* next);
   void (*backward_worker)(const BackwardParams&, std::atomic<int64_t>* next);
+  // Test hook (op attention_cpu_dropout_keep): the build's dropout keep-mask of the
+  // `lanes` counters base + lane * step (64 bits), 1 / 0 into keep[lane].
+  int lanes;
+  void (*dropout_lanes)(uint64_t seed, uint64_t base, uint64_t step, uint32_t counter1,
+                        float threshold, uint8_t* keep);
 };
 
 // Defined in the ISA units; nullptr when that unit was built without the ISA.

@@ -3,8 +3,8 @@
 //
 // Included (no include guard, on purpose) by attention_cpu_{avx512,avx2,generic}.cpp
 // inside namespace mmattn::attn_cpu::<isa>, after `struct Vec` and inside that
-// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, csrc/philox.h
-// and attention_cpu.h are included before.
+// unit's target region; <algorithm>, <cmath>, <memory>, <vector>, <type_traits>,
+// csrc/philox.h and attention_cpu.h are included before.
 //
 // Layout choice: every score tile is stored transposed, S^T[j][i] (key rows,
 // query lanes), so
@@ -26,6 +26,50 @@ constexpr int kMaxGroups = static_cast<int>(kQueryTile) / W;  // vectors per que
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Products summed from zero before they join a running total (micro_kernel, blocked_dot,
+// the softmax row sums): float32 error then grows like kSumBlock + n / kSumBlock for a
+// sum of n terms instead of like n.
+constexpr int kSumBlock = 16;
+// Sums of at most kTwoChainMax terms (the scores and dP for D <= 32) run their block
+// in two interleaved chains: one chain of 16 is about 15% less accurate than
+// PyTorch's own float32 matmul there, two are as accurate (and as fast: the B panel
+// is small). Longer sums are as accurate as matmul with one chain per block of 16,
+// and keep the wider one-chain micro-kernel (two chains need twice the registers,
+// which halves its rows and costs 5-50% for D = 64 .. 256).
+constexpr int64_t kTwoChainMax = 32;
+// Sums over more than 128 terms (D = 256) take blocks of 32: half the round trips
+// through C (about 5% of such a forward), and still as accurate as matmul there.
+inline int64_t short_block(int64_t K) { return K > 128 ? 2 * kSumBlock : kSumBlock; }
+// The same for the GEMMs that sum over keys or queries of one tile (P . V, dV, dK, dQ):
+// their terms carry a probability factor, so float32 partial sums grow more slowly
+// than a score's sum over D, and longer blocks (fewer round trips through C) suffice.
+constexpr int kSumBlockLong = 64;
+
+// sum_k a[k] * b[k] in the order of gemm with KB = kSumBlock (fused multiply-adds in
+// blocks of short_block(n); for n <= kTwoChainMax even offsets of a block in one chain and
+// odd ones in another, the chains then added; each block added to the running total),
+// so that a row dot product matches the GEMM's result for the same operands bit for
+// bit.
+inline float blocked_dot(const float* a, const float* b, int64_t n) {
+  float total = 0.0f;
+  const bool two = n <= kTwoChainMax;
+  const int64_t kb = short_block(n);
+  for (int64_t k0 = 0; k0 < n; k0 += kb) {
+    const int64_t k_end = std::min<int64_t>(n, k0 + kb);
+    float even = 0.0f, odd = 0.0f;
+    for (int64_t k = k0; k < k_end; ++k) {
+      if (!two || (k - k0) % 2 == 0) {
+        even = Vec::fma1(a[k], b[k], even);
+      } else {
+        odd = Vec::fma1(a[k], b[k], odd);
+      }
+    }
+    const float part = even + odd;
+    total = k0 == 0 ? part : part + total;
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------------------
 // GEMM with register-blocked micro-kernels and fused epilogues.
 // ---------------------------------------------------------------------------
@@ -35,7 +79,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // each score tile:
 //   kScores:  C = scale * (A.B); lane_max[n] = max(lane_max[n], max_m C[m, n])
 //             (lane_max may be null);
-//   kProbs:   C = exp(scale * (A.B) - lane[n])        (lane = lse: backward P);
+//   kProbs:   C = exp((scale * (A.B) - lane[n]) - lane2[n])
+//             (lane = lse, lane2 = lam: backward P, see BackwardParams::lam);
 //   kDScores: C = scale * P[m, n] * ((A.B) [* Z[m, n]] - lane[n])
 //             (lane = delta = rowsum(dO * O), P and Z laid out like C: backward dS).
 enum Epi : int { kNone = 0, kScores, kProbs, kDScores };
@@ -43,42 +88,97 @@ struct Epilogue {
   float scale = 1.0f;
   float* lane_max = nullptr;
   const float* lane = nullptr;
+  const float* lane2 = nullptr;
   const float* p = nullptr;
   const float* z = nullptr;
 };
 
-template <int MR, int NV, bool ACC, bool A_COL, int EPI>
+// Blocked summation over K: each block of KB products (short_block(K) for kSumBlock) is
+// summed from zero in registers (in CH interleaved chains: products k0 + 2n in the
+// first, k0 + 2n + 1 in the second, then added) and then added to a running total kept
+// in C itself (the registers cannot hold another set of accumulators). One float32
+// chain over all of K (e.g. a score over D = 256) has an error that grows with K;
+// blocked, it grows with KB / CH + K / KB, which keeps the kernels within the
+// reference's error at any input scale (issue 11). backward_prepare's blocked_dot sums
+// delta in exactly this order. With ACC, C's old value is the first running total.
+// (The K blocks stay inside the micro-kernel: a score tile's C does not fit L1 between
+// blocks.)
+template <int MR, int NV, bool ACC, bool A_COL, int EPI, int KB, int CH>
 inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
                          const float* __restrict b, int64_t ldb, float* __restrict c,
                          int64_t ldc, int tail_lanes, const Epilogue& epi) {
   static_assert(!(ACC && EPI != kNone), "epilogues overwrite C");
+  static_assert(CH == 1 || CH == 2, "one or two chains");
   const typename Vec::Tail tail = Vec::tail(tail_lanes);
   R acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (ACC) {
-        acc[r][v] = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
-                                : Vec::load(c + r * ldc + v * W);
-      } else {
-        acc[r][v] = Vec::zero();
-      }
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
+  auto step = [&](R (&ch)[MR][NV], int64_t k) {
+    const float* bk = b + k * ldb;
     R bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      bv[v] = v == NV - 1 ? Vec::load_t(b + v * W, tail) : Vec::load(b + v * W);
+      bv[v] = v == NV - 1 ? Vec::load_t(bk + v * W, tail) : Vec::load(bk + v * W);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const R ar = Vec::set1(A_COL ? a[k * sa + r] : a[r * sa + k]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fmadd(ar, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) ch[r][v] = Vec::fmadd(ar, bv[v], ch[r][v]);
     }
-    b += ldb;
+  };
+  bool total_in_c = ACC;
+  const int64_t kb = KB == kSumBlock ? short_block(K) : KB;
+  for (int64_t k0 = 0;; k0 += kb) {
+    const int64_t k_end = std::min(K, k0 + kb);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
+    }
+    if constexpr (CH == 1) {
+      for (int64_t k = k0; k < k_end; ++k) step(acc, k);
+    } else {
+      R odd[MR][NV];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) odd[r][v] = Vec::zero();
+      }
+      int64_t k = k0;
+      for (; k + 1 < k_end; k += 2) {
+        step(acc, k);
+        step(odd, k + 1);
+      }
+      if (k < k_end) step(acc, k);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::add(acc[r][v], odd[r][v]);
+      }
+    }
+    if (total_in_c) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const R old = v == NV - 1 ? Vec::load_t(c + r * ldc + v * W, tail)
+                                    : Vec::load(c + r * ldc + v * W);
+          acc[r][v] = Vec::add(acc[r][v], old);
+        }
+      }
+    }
+    if (k_end >= K) break;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (v == NV - 1) {
+          Vec::store_t(c + r * ldc + v * W, acc[r][v], tail);
+        } else {
+          Vec::store(c + r * ldc + v * W, acc[r][v]);
+        }
+      }
+    }
+    total_in_c = true;
   }
   const R scale = Vec::set1(epi.scale);
   if constexpr (EPI == kScores) {
@@ -104,9 +204,12 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
   } else if constexpr (EPI == kProbs) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const R lse = Vec::load(epi.lane + v * W);  // lane buffers are padded to whole vectors
+      // lane buffers are padded to whole vectors
+      const R lse = Vec::load(epi.lane + v * W), lam = Vec::load(epi.lane2 + v * W);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) acc[r][v] = Vec::exp(Vec::sub(Vec::mul(acc[r][v], scale), lse));
+      for (int r = 0; r < MR; ++r) {
+        acc[r][v] = Vec::exp(Vec::sub(Vec::sub(Vec::mul(acc[r][v], scale), lse), lam));
+      }
     }
   } else if constexpr (EPI == kDScores) {
 #pragma GCC unroll 8
@@ -134,42 +237,98 @@ inline void micro_kernel(int64_t K, const float* __restrict a, int64_t sa,
   }
 }
 
+// a + b as a float32 sum in `a` and the accumulated rounding errors in `c` (TwoSum):
+// the softmax denominators add one partial sum per block of keys, so that for long
+// rows their error stays at the level of a single rounding (a + c at the end).
+template <class T>
+inline void add_compensated(T& a, T& c, T b) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float s = a + b, bp = s - a;
+    c += (a - (s - bp)) + (b - bp);
+    a = s;
+  } else {
+    const R s = Vec::add(a, b), bp = Vec::sub(s, a);
+    c = Vec::add(c, Vec::add(Vec::sub(a, Vec::sub(s, bp)), Vec::sub(b, bp)));
+    a = s;
+  }
+}
+
 // Epilogue pointers for the block of C starting at row m0, column n0.
 inline Epilogue offset_epilogue(const Epilogue& e, int64_t m0, int64_t n0, int64_t ldc) {
   Epilogue o = e;
   if (o.lane_max) o.lane_max += n0;
   if (o.lane) o.lane += n0;
+  if (o.lane2) o.lane2 += n0;
   if (o.p) o.p += m0 * ldc + n0;
   if (o.z) o.z += m0 * ldc + n0;
   return o;
 }
 
-template <int NV, bool ACC, bool A_COL, int EPI>
+template <int NV, bool ACC, bool A_COL, int EPI, int KB, int CH>
 inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const float* b,
                        int64_t ldb, float* c, int64_t ldc, int tail, const Epilogue& epi,
                        int64_t n0) {
-  constexpr int MR = Vec::kMR;
+  // Two chains need twice the accumulators: fewer rows per micro-kernel.
+  constexpr int MR = CH == 2 ? Vec::kMR2 : Vec::kMR;
   const int64_t row_step = A_COL ? 1 : sa;  // distance in `a` between rows of A
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR) {
-    micro_kernel<MR, NV, ACC, A_COL, EPI>(K, a + m0 * row_step, sa, b, ldb, c + m0 * ldc, ldc,
-                                          tail, offset_epilogue(epi, m0, n0, ldc));
+    micro_kernel<MR, NV, ACC, A_COL, EPI, KB, CH>(K, a + m0 * row_step, sa, b, ldb,
+                                                  c + m0 * ldc, ldc, tail,
+                                                  offset_epilogue(epi, m0, n0, ldc));
   }
   const int64_t rest = M - m0;
   const float* ar = a + m0 * row_step;
   float* cr = c + m0 * ldc;
   const Epilogue e = offset_epilogue(epi, m0, n0, ldc);
+#define MMATTN_REST(n) \
+  micro_kernel<n, NV, ACC, A_COL, EPI, KB, CH>(K, ar, sa, b, ldb, cr, ldc, tail, e)
   switch (rest) {
     case 0: break;
-    case 1: micro_kernel<1, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 2: micro_kernel<2, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
-    case 3: micro_kernel<3, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e); break;
+    case 1: MMATTN_REST(1); break;
+    case 2:
+      if constexpr (MR > 2) MMATTN_REST(2);
+      break;
+    case 3:
+      if constexpr (MR > 3) MMATTN_REST(3);
+      break;
     default:
       if constexpr (MR > 4) {
-        if (rest == 4) micro_kernel<4, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
-        if (rest == 5) micro_kernel<5, NV, ACC, A_COL, EPI>(K, ar, sa, b, ldb, cr, ldc, tail, e);
+        if (rest == 4) MMATTN_REST(4);
+        if (rest == 5) MMATTN_REST(5);
       }
       break;
+  }
+#undef MMATTN_REST
+}
+
+// GEMM: C (M x N, row stride ldc) [+]= A (M x K) . B (K x N, row stride ldb), then
+// the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
+// A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
+// C rows are vectors; the last vector of a strip is masked, so N needs no padding.
+template <bool ACC, bool A_COL, int EPI, int KB, int CH>
+void gemm_chains(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, const Epilogue& epi) {
+  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
+  constexpr int64_t strip = Vec::kNV * W;
+  for (int64_t n0 = 0; n0 < N; n0 += strip) {
+    const int64_t width = std::min(N - n0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+#define MMATTN_STRIP(n) \
+  gemm_strip<n, ACC, A_COL, EPI, KB, CH>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0)
+    switch (nv) {
+      case 1: MMATTN_STRIP(1); break;
+      case 2: MMATTN_STRIP(2); break;
+      case 3:
+        if constexpr (Vec::kNV >= 3) MMATTN_STRIP(3);
+        break;
+      case 4:
+        if constexpr (Vec::kNV >= 4) MMATTN_STRIP(4);
+        break;
+      default: break;
+    }
+#undef MMATTN_STRIP
   }
 }
 
@@ -177,35 +336,16 @@ inline void gemm_strip(int64_t M, int64_t K, const float* a, int64_t sa, const f
 // the epilogue EPI. A is read as broadcast scalars: A(m, k) = a[m * sa + k] when
 // A_COL is false (rows of A contiguous) or a[m + k * sa] when A_COL is true. B and
 // C rows are vectors; the last vector of a strip is masked, so N needs no padding.
-template <bool ACC, bool A_COL, int EPI = kNone>
+// K is summed in blocks of KB (kSumBlock: short_block(K), with two chains when
+// K <= kTwoChainMax).
+template <bool ACC, bool A_COL, int EPI = kNone, int KB = kSumBlock>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa, const float* b,
           int64_t ldb, float* c, int64_t ldc, const Epilogue& epi = Epilogue{}) {
-  static_assert(Vec::kMR <= 6, "gemm_strip handles row remainders up to 5");
-  constexpr int64_t strip = Vec::kNV * W;
   if (M <= 0 || N <= 0) return;
-  for (int64_t n0 = 0; n0 < N; n0 += strip) {
-    const int64_t width = std::min(N - n0, strip);
-    const int nv = static_cast<int>((width + W - 1) / W);
-    const int tail = static_cast<int>(width - (nv - 1) * W);
-    switch (nv) {
-      case 1:
-        gemm_strip<1, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        break;
-      case 2:
-        gemm_strip<2, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        break;
-      case 3:
-        if constexpr (Vec::kNV >= 3) {
-          gemm_strip<3, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        }
-        break;
-      case 4:
-        if constexpr (Vec::kNV >= 4) {
-          gemm_strip<4, ACC, A_COL, EPI>(M, K, a, sa, b + n0, ldb, c + n0, ldc, tail, epi, n0);
-        }
-        break;
-      default: break;
-    }
+  if (KB == kSumBlock && K <= kTwoChainMax) {
+    gemm_chains<ACC, A_COL, EPI, KB, 2>(M, N, K, a, sa, b, ldb, c, ldc, epi);
+  } else {
+    gemm_chains<ACC, A_COL, EPI, KB, 1>(M, N, K, a, sa, b, ldb, c, ldc, epi);
   }
 }
 
@@ -385,26 +525,34 @@ void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const flo
   mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
 }
 
+// Dropout keep-mask of key `key` for the query lanes of group g (rows i0 + g*W + lane):
+// the flat element index (i * Lk + j, 64 bits) is the Philox counter.
+inline M dropout_keep(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
+  const uint64_t base = static_cast<uint64_t>(i0 + g * W) * static_cast<uint64_t>(P.Lk) +
+                        static_cast<uint64_t>(key);
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  return Vec::dropout_keep(P.seed, base, static_cast<uint64_t>(P.Lk), c1, P.keep_threshold);
+}
+
 // Dropout factor (keep ? drop_scale : 0) for key `key` and lanes of group g.
 inline R dropout_factor(const Problem& P, int64_t b, int64_t h, int64_t i0, int g, int64_t key) {
-  const uint64_t base = static_cast<uint64_t>((i0 + g * W) * P.Lk + key);
-  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
-  const M keep = Vec::dropout_keep(P.seed, base, static_cast<uint64_t>(P.Lk), c1,
-                                   P.keep_threshold);
-  return Vec::blend(keep, Vec::set1(P.drop_scale), Vec::zero());
+  return Vec::blend(dropout_keep(P, b, h, i0, g, key), Vec::set1(P.drop_scale), Vec::zero());
 }
 
 // ---------------------------------------------------------------------------
 // Tile enumeration.
 // ---------------------------------------------------------------------------
 
-// Key tiles seen by query rows [i0, i0 + nq) of head (b, h) in q block qb.
+// Key tiles among keys [key_lo, key_hi) seen by query rows [i0, i0 + nq) of head (b, h)
+// in q block qb.
 inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb, int64_t i0,
-                              int64_t nq, int64_t dense_tile, std::vector<Tile>& tiles) {
+                              int64_t nq, int64_t dense_tile, int64_t key_lo, int64_t key_hi,
+                              std::vector<Tile>& tiles) {
   tiles.clear();
   const int64_t i_last = i0 + nq - 1;
   // Causal: keys beyond the tile's last query are hidden for all its rows.
-  const int64_t key_end = P.causal ? std::min(P.Lk, i_last + 1) : P.Lk;
+  const int64_t key_end =
+      std::min(key_hi, P.causal ? std::min(P.Lk, i_last + 1) : P.Lk);
   auto push = [&](int64_t lo, int64_t hi, const uint8_t* partial, int64_t ld) {
     for (int64_t j0 = lo; j0 < hi; j0 += dense_tile) {
       Tile t;
@@ -421,7 +569,7 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
     }
   };
   if (!P.blocks.present) {
-    push(0, key_end, nullptr, 0);
+    push(key_lo, key_end, nullptr, 0);
     return;
   }
   const BlockView& bv = P.blocks;
@@ -429,14 +577,15 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
   const int64_t count = bv.kv_num[row];
   for (int64_t n = 0; n < count; ++n) {
     const int64_t kb = bv.kv_idx[row * bv.nbk + n];
-    const int64_t lo = kb * bv.bk;
+    const int64_t lo = std::max(kb * bv.bk, key_lo);  // a key split may start in the block
     const int64_t hi = std::min({(kb + 1) * bv.bk, P.Lk, key_end});
     if (lo >= hi) continue;
     const int64_t pidx = bv.partial_index[row * bv.nbk + kb];
     if (bv.full[row * bv.nbk + kb]) {
       push(lo, hi, nullptr, 0);
     } else if (pidx >= 0) {
-      const uint8_t* pm = bv.partial_t + pidx * bv.pk * bv.pq + (i0 - qb * bv.bq);
+      const uint8_t* pm = bv.partial_t + pidx * bv.pk * bv.pq + (lo - kb * bv.bk) * bv.pq +
+                          (i0 - qb * bv.bq);
       push(lo, hi, pm, bv.pq);
     }
   }
@@ -450,9 +599,11 @@ struct ForwardScratch {
   Buffer q_t, st;
   Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
   Buffer part;  // one key tile's P . V, same layout
+  Buffer row_q;  // row path: the query row, zero-padded to whole vectors
   alignas(64) float m[kQueryTile];
   alignas(64) float m_use[kQueryTile];
   alignas(64) float l[kQueryTile];
+  alignas(64) float lc[kQueryTile];  // flash: rounding errors of l (add_compensated)
   alignas(64) float alpha[kQueryTile];
   alignas(64) float tile_max[kQueryTile];
   std::vector<Tile> tiles;
@@ -471,7 +622,7 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     float* st = s.st.get();
     score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
     bool rescale = false;
-    R m_use[kMaxGroups], sum[kMaxGroups];
+    R m_use[kMaxGroups], l[kMaxGroups], lc[kMaxGroups];
     for (int g = 0; g < groups; ++g) {
       const R m_old = Vec::load(s.m + g * W);
       const R m_new = Vec::max(m_old, Vec::load(s.tile_max + g * W));
@@ -482,29 +633,39 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
       rescale = rescale || !Vec::mask_none(Vec::mask_not(Vec::eq(m_old, m_new)));
       Vec::store(s.alpha + g * W, alpha);
       Vec::store(s.m + g * W, m_new);
-      Vec::store(s.l + g * W, Vec::mul(Vec::load(s.l + g * W), alpha));
-      sum[g] = Vec::zero();
+      l[g] = Vec::mul(Vec::load(s.l + g * W), alpha);
+      lc[g] = Vec::mul(Vec::load(s.lc + g * W), alpha);
     }
-    for (int64_t j = 0; j < t.nk; ++j) {
-      float* row = st + j * lanes;
-      for (int g = 0; g < groups; ++g) {
-        R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
-        sum[g] = Vec::add(sum[g], p);
-        if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
-        Vec::store(row + g * W, p);
+    // Row sums in blocks of kSumBlock keys (see kSumBlock).
+    for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
+      R part[kMaxGroups];
+      for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+      for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
+        float* row = st + j * lanes;
+        for (int g = 0; g < groups; ++g) {
+          R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+          part[g] = Vec::add(part[g], p);
+          if (P.dropout) p = Vec::mul(p, dropout_factor(P, b, h, t.i0, g, t.j0 + j));
+          Vec::store(row + g * W, p);
+        }
       }
+      for (int g = 0; g < groups; ++g) add_compensated(l[g], lc[g], part[g]);
     }
     for (int g = 0; g < groups; ++g) {
-      Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), sum[g]));
+      Vec::store(s.l + g * W, l[g]);
+      Vec::store(s.lc + g * W, lc[g]);
     }
     // O = alpha * O + P . V: P^T is read as broadcasts down its columns, V rows are
     // the vectors, and only the tile's nq query rows are computed.
     // The tile's P . V is summed apart, then O = alpha * O + part: float32
     // error grows with the tile length, not with Lk.
-    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
-                      P.Dv);
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
+                                            P.v_sl, s.part.get(), P.Dv);
     if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+  }
+  for (int g = 0; g < groups; ++g) {
+    Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), Vec::load(s.lc + g * W)));
   }
 }
 
@@ -530,29 +691,33 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
                  Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
     }
   }
-  R m_use[kMaxGroups], sum[kMaxGroups];
+  R m_use[kMaxGroups], sum[kMaxGroups], sum_c[kMaxGroups];
   for (int g = 0; g < groups; ++g) {
     const R m = Vec::load(s.m + g * W);
     m_use[g] = Vec::blend(Vec::eq(m, Vec::set1(kNegInf)), Vec::zero(), m);
     sum[g] = Vec::zero();
+    sum_c[g] = Vec::zero();
   }
-  // Sums per key tile, then over tiles: float32 error grows with the tile
-  // length, not with Lk.
+  // Sums in blocks of kSumBlock keys, then over blocks, compensated (see kSumBlock).
   float* st_all = s.st.get();
   for (size_t ti = 0; ti < s.tiles.size(); ++ti) {
     float* st = st_all + s.tile_rows[ti] * lanes;
-    R part[kMaxGroups];
-    for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
-    for (int64_t j = 0; j < s.tiles[ti].nk; ++j) {
-      float* row = st + j * lanes;
-      for (int g = 0; g < groups; ++g) {
-        const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
-        part[g] = Vec::add(part[g], p);
-        Vec::store(row + g * W, p);
+    const int64_t nk = s.tiles[ti].nk;
+    for (int64_t jb = 0; jb < nk; jb += kSumBlock) {
+      R part[kMaxGroups];
+      for (int g = 0; g < groups; ++g) part[g] = Vec::zero();
+      for (int64_t j = jb; j < std::min(nk, jb + kSumBlock); ++j) {
+        float* row = st + j * lanes;
+        for (int g = 0; g < groups; ++g) {
+          const R p = Vec::exp(Vec::sub(Vec::load(row + g * W), m_use[g]));
+          part[g] = Vec::add(part[g], p);
+          Vec::store(row + g * W, p);
+        }
       }
+      for (int g = 0; g < groups; ++g) add_compensated(sum[g], sum_c[g], part[g]);
     }
-    for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], part[g]);
   }
+  for (int g = 0; g < groups; ++g) sum[g] = Vec::add(sum[g], sum_c[g]);
   // 1 / sum per lane, 0 for rows with no visible key (their p are all 0).
   R inv[kMaxGroups];
   for (int g = 0; g < groups; ++g) {
@@ -600,10 +765,241 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
         }
       }
     }
-    gemm<false, true>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl, P.v_sl, s.part.get(),
-                      P.Dv);
+    gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
+                                            P.v_sl, s.part.get(), P.Dv);
     add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
   }
+}
+
+// ---------------------------------------------------------------------------
+// Row path: one query row, keys on the vector lanes. A query tile of one or a few
+// rows (decoding: Lq = 1) would leave most lanes of the transposed tiles idle, and its
+// exponentials would run W times over; here every lane holds a key.
+// ---------------------------------------------------------------------------
+
+// Query tiles of at most this many rows take the row path (SIMD builds only).
+constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
+// Output vectors per P . V strip (accumulators and running totals in registers).
+constexpr int kRowNV = W >= 16 ? 8 : 4;
+
+inline float lanes_max(R x, int n) {
+  alignas(64) float v[W];
+  Vec::store(v, x);
+  float m = v[0];
+  for (int l = 1; l < n; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+inline float lanes_sum(R x) {
+  alignas(64) float v[W];
+  Vec::store(v, x);
+  float sum = v[0];
+  for (int l = 1; l < W; ++l) sum += v[l];
+  return sum;
+}
+
+// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
+// one accumulator per key summed over D in blocks of kSumBlock vectors, then
+// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
+inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
+  R total = Vec::zero();
+  const int64_t d_all = d_full + (tail > 0 ? W : 0);
+  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
+    R acc[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
+    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
+    for (int64_t d = d0; d < d_end; d += W) {
+      const R qv = Vec::load(q + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
+    }
+    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
+      const R qv = Vec::load(q + d_full);  // zero-padded
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) {
+        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
+      }
+    }
+    total = Vec::add(Vec::transpose_sum(acc), total);
+  }
+  return total;
+}
+
+// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
+// row zero-padded to whole vectors.
+inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
+                       float* sc) {
+  const R scale = Vec::set1(P.scale);
+  const int64_t d_full = P.D / W * W;
+  const int tail = static_cast<int>(P.D - d_full);
+  for (int64_t jg = 0; jg < t.nk; jg += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
+    const float* rows[W];
+    // A last group of n < W keys repeats its last key in the unused lanes.
+    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
+    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
+  }
+}
+
+// The element masks of row i on the scores of tile t (scalar: the row path is for few rows).
+inline void row_mask(const Problem& P, int64_t b, int64_t h, int64_t i, const Tile& t,
+                     float* sc) {
+  const bool has_mask = P.mask.kind != MaskKind::None;
+  const int64_t mask_base = b * P.mask.sb + h * P.mask.sh + i * P.mask.si;
+  for (int64_t j = 0; j < t.nk; ++j) {
+    const int64_t key = t.j0 + j;
+    bool hidden = (P.kpm != nullptr && P.kpm[b * P.kpm_sb + key * P.kpm_sj] != 0) ||
+                  (t.causal_cut && key > i) ||
+                  (t.partial != nullptr && t.partial[j * t.partial_ld] == 0);
+    if (!hidden && has_mask) {
+      const float add = P.mask.additive(mask_base + key * P.mask.sj);
+      hidden = add == kNegInf;
+      sc[j] += add;
+    }
+    if (hidden) sc[j] = kNegInf;
+  }
+}
+
+// part[c] = sum_j p[j] * V[j][c] for c < Dv over the nk keys of V rows `v` (stride v_sl):
+// kRowNV vectors of outputs at a time, summed in blocks of kSumBlockLong keys.
+template <int NV>
+inline void row_pv_strip(const float* p, int64_t nk, const float* v, int64_t v_sl, int tail,
+                         float* part) {
+  const typename Vec::Tail last = Vec::tail(tail);
+  R total[NV], acc[NV];
+  for (int c = 0; c < NV; ++c) total[c] = Vec::zero();
+  for (int64_t j0 = 0; j0 < nk; j0 += kSumBlockLong) {
+    for (int c = 0; c < NV; ++c) acc[c] = Vec::zero();
+    for (int64_t j = j0; j < std::min<int64_t>(nk, j0 + kSumBlockLong); ++j) {
+      const R pj = Vec::set1(p[j]);
+      const float* vr = v + j * v_sl;
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) {
+        const R x = c == NV - 1 ? Vec::load_t(vr + c * W, last) : Vec::load(vr + c * W);
+        acc[c] = Vec::fmadd(pj, x, acc[c]);
+      }
+    }
+    for (int c = 0; c < NV; ++c) total[c] = Vec::add(acc[c], total[c]);
+  }
+  for (int c = 0; c < NV; ++c) {
+    if (c == NV - 1) {
+      Vec::store_t(part + c * W, total[c], last);
+    } else {
+      Vec::store(part + c * W, total[c]);
+    }
+  }
+}
+
+inline void row_pv(const float* p, int64_t nk, const float* v, int64_t v_sl, int64_t dv,
+                   float* part) {
+  constexpr int64_t strip = kRowNV * W;
+  for (int64_t c0 = 0; c0 < dv; c0 += strip) {
+    const int64_t width = std::min(dv - c0, strip);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    const int tail = static_cast<int>(width - (nv - 1) * W);
+    switch (nv) {
+#define MMATTN_ROW_PV(n) \
+  case n: row_pv_strip<n>(p, nk, v + c0, v_sl, tail, part + c0); break;
+      MMATTN_ROW_PV(1) MMATTN_ROW_PV(2) MMATTN_ROW_PV(3) MMATTN_ROW_PV(4)
+#undef MMATTN_ROW_PV
+      default:
+        if constexpr (kRowNV > 4) {
+          if (nv == 5) row_pv_strip<5>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 6) row_pv_strip<6>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 7) row_pv_strip<7>(p, nk, v + c0, v_sl, tail, part + c0);
+          if (nv == 8) row_pv_strip<8>(p, nk, v + c0, v_sl, tail, part + c0);
+        }
+        break;
+    }
+  }
+}
+
+// Online softmax of query row i of head (b, h) over s.tiles (collect_key_tiles with
+// nq = 1): leaves the row's max score in *m (-inf: no visible key), its sum
+// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats).
+void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int64_t i,
+                 float* m_out, float* l_out, float* o) {
+  const int64_t hk = h / P.group();
+  const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+  const int64_t dpad = round_up(P.D, W);
+  float* q = s.row_q.get();
+  std::copy(P.q + b * P.q_sb + h * P.q_sh + i * P.q_sl,
+            P.q + b * P.q_sb + h * P.q_sh + i * P.q_sl + P.D, q);
+  std::fill(q + P.D, q + dpad, 0.0f);
+  const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
+  float m = kNegInf, l = 0.0f, lc = 0.0f;
+  std::fill(o, o + P.Dv, 0.0f);
+  float* sc = s.st.get();
+  float* part = s.part.get();
+  for (const Tile& t : s.tiles) {
+    row_scores(P, t, kb, q, sc);
+    if (tile_needs_mask(P, t)) row_mask(P, b, h, i, t, sc);
+    R mx = Vec::set1(kNegInf);
+    for (int64_t j = 0; j < t.nk; j += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, t.nk - j));
+      mx = Vec::max(mx, Vec::blend(Vec::prefix(n), Vec::load_n(sc + j, n), Vec::set1(kNegInf)));
+    }
+    const float m_new = std::max(m, lanes_max(mx, W));
+    // As in the tile path: a row with no visible key yet keeps -inf and uses 0.
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float alpha = m == m_new ? 1.0f : std::exp(m - m_use);
+    const R mu = Vec::set1(m_use);
+    R sum = Vec::zero();
+    for (int64_t j = 0; j < t.nk; j += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, t.nk - j));
+      R p = Vec::blend(Vec::prefix(n), Vec::exp(Vec::sub(Vec::load_n(sc + j, n), mu)),
+                       Vec::zero());
+      sum = Vec::add(sum, p);
+      if (P.dropout) {
+        const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(P.Lk) +
+                              static_cast<uint64_t>(t.j0 + j);
+        const M keep = Vec::dropout_keep(P.seed, base, 1, c1, P.keep_threshold);
+        p = Vec::blend(keep, Vec::mul(p, Vec::set1(P.drop_scale)), Vec::zero());
+      }
+      Vec::store_n(sc + j, p, n);
+    }
+    l *= alpha;
+    lc *= alpha;
+    add_compensated(l, lc, lanes_sum(sum));
+    row_pv(sc, t.nk, vb + t.j0 * P.v_sl, P.v_sl, P.Dv, part);
+    const R a = Vec::set1(alpha);
+    const int64_t full = P.Dv / W * W;
+    for (int64_t c = 0; c < full; c += W) {
+      Vec::store(o + c, Vec::add(Vec::mul(Vec::load(o + c), a), Vec::load(part + c)));
+    }
+    if (full < P.Dv) {
+      const int n = static_cast<int>(P.Dv - full);
+      Vec::store_n(o + full, Vec::add(Vec::mul(Vec::load_n(o + full, n), a),
+                                      Vec::load_n(part + full, n)), n);
+    }
+    m = m_new;
+  }
+  *m_out = m;
+  *l_out = l + lc;
+}
+
+// The result of rows [i0, i0 + nq) of head bh over key range `split`: m, l (one per
+// row) and O (rows of Dv, stride Dv). One range: out = O / l and lse = m + log(l)
+// (+inf and 0 for rows with no visible key); several: the partial state (ForwardParams).
+inline void finish_rows(const ForwardParams& F, int64_t bh, int64_t i0, int64_t nq,
+                        int64_t split, const float* m, const float* l, const float* o) {
+  const Problem& P = F.p;
+  const int64_t row0 = bh * P.Lq + i0;
+  if (F.splits > 1) {
+    const int64_t rows = P.B * P.Hq * P.Lq;
+    std::copy(m, m + nq, F.part_m + split * rows + row0);
+    std::copy(l, l + nq, F.part_l + split * rows + row0);
+    std::copy(o, o + nq * P.Dv, F.part_o + (split * rows + row0) * P.Dv);
+    return;
+  }
+  alignas(64) float inv[kQueryTile];
+  for (int64_t i = 0; i < nq; ++i) {
+    inv[i] = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    F.lse[row0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kPosInf;
+  }
+  scale_rows(o, P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
 }
 
 void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
@@ -613,15 +1009,18 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   s.q_t = make_buffer(P.D * kQueryTile);
   s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.row_q = make_buffer(round_up(P.D, W));
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
   s.st = make_buffer(st_rows * kQueryTile);
 
   const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
   const int64_t total = F.num_items();
   for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
-    const int64_t t_in_block = item % tpb;
-    int64_t qb = (item / tpb) % nqb;
-    const int64_t bh = item / (tpb * nqb);
+    const int64_t split = item % F.splits;
+    const int64_t tile = item / F.splits;
+    const int64_t t_in_block = tile % tpb;
+    int64_t qb = (tile / tpb) % nqb;
+    const int64_t bh = tile / (tpb * nqb);
     // Causal rows get heavier with i: hand out the heavy tiles first.
     if (P.causal) qb = nqb - 1 - qb;
     const int64_t b = bh / P.Hq, h = bh % P.Hq;
@@ -629,8 +1028,19 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     const int64_t i_end = std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
     const int64_t nq = i_end - i0;
     if (nq <= 0) continue;
-    const int64_t lanes = lanes_of(nq);
+    const int64_t key_lo = split * F.split_keys;
+    const int64_t key_hi = std::min(P.Lk, key_lo + F.split_keys);
 
+    if (nq <= kRowPathRows && F.weights == nullptr) {
+      for (int64_t r = 0; r < nq; ++r) {
+        collect_key_tiles(P, b, h, qb, i0 + r, 1, key_tile, key_lo, key_hi, s.tiles);
+        float* o = s.o.get() + r * P.Dv;
+        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, o);
+      }
+      finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
+      continue;
+    }
+    const int64_t lanes = lanes_of(nq);
     // Q^T tile, zero lanes beyond nq.
     float* qt = s.q_t.get();
     if (nq < lanes) {
@@ -639,24 +1049,58 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     transpose_rows(P.q + b * P.q_sb + h * P.q_sh + i0 * P.q_sl, P.q_sl, nq, P.D, qt, lanes);
     std::fill(s.m, s.m + lanes, kNegInf);
     std::fill(s.l, s.l + lanes, 0.0f);
+    std::fill(s.lc, s.lc + lanes, 0.0f);
     std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
 
-    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, s.tiles);
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, key_lo, key_hi, s.tiles);
     if (F.weights) {
       forward_tile_weights(F, s, b, h, lanes);
     } else {
       forward_tile_flash(F, s, b, h, lanes);
     }
+    finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
+  }
+}
 
-    // out = O / l; lse = m + log(l), +inf for rows with no visible key.
-    const int64_t row0 = (b * P.Hq + h) * P.Lq + i0;
-    alignas(64) float inv[kQueryTile];
-    for (int64_t i = 0; i < nq; ++i) {
-      const float l = s.l[i];
-      inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
-      F.lse[row0 + i] = l > 0.0f ? s.m[i] + std::log(l) : kPosInf;
+// Split-KV: rows [begin, end) of B * Hq * Lq from their key ranges' partial states, in
+// range order: M = max_r m_r, l = sum_r exp(m_r - M) l_r, O = sum_r exp(m_r - M) O_r,
+// out = O / l, lse = M + log(l).
+void forward_merge(const ForwardParams& F, int64_t begin, int64_t end) {
+  const Problem& P = F.p;
+  const int64_t rows = P.B * P.Hq * P.Lq;
+  const int64_t dv = P.Dv, full = dv / W * W;
+  const int tail = static_cast<int>(dv - full);
+  for (int64_t row = begin; row < end; ++row) {
+    float mx = kNegInf;
+    for (int64_t r = 0; r < F.splits; ++r) mx = std::max(mx, F.part_m[r * rows + row]);
+    float* out = F.out + row * dv;
+    if (mx == kNegInf) {
+      std::fill(out, out + dv, 0.0f);
+      F.lse[row] = kPosInf;
+      continue;
     }
-    scale_rows(s.o.get(), P.Dv, nq, P.Dv, inv, F.out + row0 * P.Dv, P.Dv);
+    float l = 0.0f;
+    std::fill(out, out + dv, 0.0f);
+    for (int64_t r = 0; r < F.splits; ++r) {
+      const float m_r = F.part_m[r * rows + row];
+      if (m_r == kNegInf) continue;  // no visible key in the range: nothing to add
+      const float w = std::exp(m_r - mx);
+      l += w * F.part_l[r * rows + row];
+      const float* o = F.part_o + (r * rows + row) * dv;
+      const R wv = Vec::set1(w);
+      for (int64_t c = 0; c < full; c += W) {
+        Vec::store(out + c, Vec::fmadd(wv, Vec::load(o + c), Vec::load(out + c)));
+      }
+      if (tail > 0) {
+        Vec::store_n(out + full, Vec::fmadd(wv, Vec::load_n(o + full, tail),
+                                            Vec::load_n(out + full, tail)), tail);
+      }
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    F.lse[row] = l > 0.0f ? mx + std::log(l) : kPosInf;
+    const R iv = Vec::set1(inv);
+    for (int64_t c = 0; c < full; c += W) Vec::store(out + c, Vec::mul(Vec::load(out + c), iv));
+    if (tail > 0) Vec::store_n(out + full, Vec::mul(Vec::load_n(out + full, tail), iv), tail);
   }
 }
 
@@ -682,19 +1126,131 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < P.Lq; ++i) {
       const float* gi = dout + i * G.do_sl;
       const float* oi = out + i * G.o_sl;
-      // The same fused multiply-add chain as the dP GEMM: when O equals a row of V
-      // (a single visible key) dP - delta is then exactly 0, as in exact arithmetic.
-      float delta = 0.0f;
-      for (int64_t d = 0; d < P.Dv; ++d) delta = Vec::fma1(gi[d], oi[d], delta);
+      // The same fused multiply-add order as the dP GEMM: when O equals a row of V (or,
+      // with dropout, of drop_scale * V: a single visible key) dP - delta is then
+      // exactly 0, as in exact arithmetic.
+      float delta = blocked_dot(gi, oi, P.Dv);
+      if (G.grad_lse != nullptr) delta -= G.grad_lse[bh * P.Lq + i];
       G.delta[bh * P.Lq + i] = delta;
     }
   }
 }
 
+// For the query tiles it takes that hold a row with |lse| >= kLseExact + log(Lk) (a peaked
+// softmax of large logits), two per-row quantities from one extra pass over the row's
+// key tiles, computed exactly as backward_tile computes P and dP (other tiles: lam 0,
+// delta as backward_prepare left it):
+//   lam_i   = log c_i with c_i = sum_j exp(s_ij - lse_i): the correction for lse's
+//             float32 rounding (see BackwardParams::lam);
+//   delta_i = sum_j P_ij Z_ij dP_ij - grad_lse_i with P = exp(s - lse) / c, from the
+//             same dP values that dS = P (dP Z - delta) then uses. In a peaked row dS
+//             is a small difference of large terms; with delta from rowsum(dO * O) the
+//             rounding errors of dP and of that sum do not cancel, and dq had twice
+//             the reference's error at logits of 20 and more.
+// Key tiles whose scores all lie 40 or more below lse add less than exp(-40) each and
+// are skipped.
+void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
+  const Problem& P = G.p;
+  const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
+  Buffer st, dp, vz;
+  alignas(64) float lse[kQueryTile];
+  alignas(64) float tile_max[kQueryTile];
+  std::vector<Tile> tiles;
+  const int64_t nqb = P.num_q_blocks(), tpb = P.tiles_per_q_block(), qrows = P.q_block_rows();
+  const int64_t total = G.num_stat_items();
+  const float limit = kLseExact + std::log(static_cast<float>(std::max<int64_t>(P.Lk, 1)));
+  for (int64_t item = next->fetch_add(1); item < total; item = next->fetch_add(1)) {
+    const int64_t t_in_block = item % tpb;
+    const int64_t qb = (item / tpb) % nqb;
+    const int64_t bh = item / (tpb * nqb);
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    const int64_t i0 = qb * qrows + t_in_block * kQueryTile;
+    const int64_t i_end =
+        std::min({qb * qrows + std::min((t_in_block + 1) * kQueryTile, qrows), P.Lq});
+    const int64_t nq = i_end - i0;
+    if (nq <= 0) continue;
+    float* lam = G.lam + bh * P.Lq + i0;
+    const float* row_lse = G.lse + bh * P.Lq + i0;
+    std::fill(lam, lam + nq, 0.0f);
+    bool needed = false;
+    for (int64_t i = 0; i < nq; ++i) {
+      needed = needed || (std::isfinite(row_lse[i]) && std::fabs(row_lse[i]) >= limit);
+    }
+    if (!needed) continue;
+    const int64_t lanes = lanes_of(nq);
+    const int groups = static_cast<int>(lanes / W);
+    for (int64_t i = 0; i < lanes; ++i) lse[i] = i < nq ? row_lse[i] : kPosInf;
+    if (!st) {
+      st = make_buffer(key_tile * kQueryTile);
+      dp = make_buffer(key_tile * kQueryTile);
+      vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
+    }
+    const int64_t hk = h / P.group();
+    const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
+    const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
+    const float* q_t = G.q_t + bh * P.D * G.lq_pad + i0;
+    const float* do_t = G.do_t + bh * P.Dv * G.lq_pad + i0;
+    collect_key_tiles(P, b, h, qb, i0, nq, key_tile, 0, P.Lk, tiles);
+    R c[kMaxGroups], c_err[kMaxGroups], t_sum[kMaxGroups], t_err[kMaxGroups];
+    for (int g = 0; g < groups; ++g) c[g] = c_err[g] = t_sum[g] = t_err[g] = Vec::zero();
+    for (const Tile& t : tiles) {
+      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, st.get(), tile_max);
+      bool significant = false;
+      for (int64_t i = 0; i < nq; ++i) significant = significant || tile_max[i] - lse[i] > -40.0f;
+      if (!significant) continue;
+      // dP^T = V . dO^T (with dropout drop_scale * V, then the keep-mask), as in
+      // backward_tile / backward_worker.
+      const float* v_rows = vb + t.j0 * P.v_sl;
+      int64_t v_ld = P.v_sl;
+      if (P.dropout) {
+        const float scale[1] = {P.drop_scale};
+        for (int64_t j = 0; j < t.nk; ++j) {
+          scale_rows(v_rows + j * P.v_sl, P.v_sl, 1, P.Dv, scale, vz.get() + j * P.Dv, P.Dv);
+        }
+        v_rows = vz.get();
+        v_ld = P.Dv;
+      }
+      gemm<false, false>(t.nk, lanes, P.Dv, v_rows, v_ld, do_t, G.lq_pad, dp.get(), lanes);
+      for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
+        R pc[kMaxGroups], pt[kMaxGroups];
+        for (int g = 0; g < groups; ++g) pc[g] = pt[g] = Vec::zero();
+        for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
+          const float* row = st.get() + j * lanes;
+          const float* dprow = dp.get() + j * lanes;
+          for (int g = 0; g < groups; ++g) {
+            const R e = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(lse + g * W)));
+            R d = Vec::load(dprow + g * W);
+            if (P.dropout) d = Vec::blend(dropout_keep(P, b, h, t.i0, g, t.j0 + j), d, Vec::zero());
+            pc[g] = Vec::add(pc[g], e);
+            pt[g] = Vec::add(pt[g], Vec::mul(e, d));
+          }
+        }
+        for (int g = 0; g < groups; ++g) {
+          add_compensated(c[g], c_err[g], pc[g]);
+          add_compensated(t_sum[g], t_err[g], pt[g]);
+        }
+      }
+    }
+    alignas(64) float cs[kQueryTile], ts[kQueryTile];
+    for (int g = 0; g < groups; ++g) {
+      Vec::store(cs + g * W, Vec::add(c[g], c_err[g]));
+      Vec::store(ts + g * W, Vec::add(t_sum[g], t_err[g]));
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      if (!std::isfinite(row_lse[i]) || !(cs[i] > 0.0f)) continue;
+      lam[i] = std::log(cs[i]);
+      float delta = ts[i] / cs[i];
+      if (G.grad_lse != nullptr) delta -= G.grad_lse[bh * P.Lq + i0 + i];
+      G.delta[bh * P.Lq + i0 + i] = delta;
+    }
+  }
+}
+
 struct BackwardScratch {
-  Buffer st, pd, dp, z;
+  Buffer st, pd, dp, z, vz;
   Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
+  alignas(64) float lam[kQueryTile];
   alignas(64) float delta[kQueryTile];
   std::vector<Tile> tiles;
 };
@@ -747,28 +1303,32 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
   }
 }
 
+// One (query tile) x (key tile) step of the backward. `v_rows` (row stride v_ld) are the
+// tile's key rows of V, or with dropout of drop_scale * V (see backward_worker).
 void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
-                   const Tile& t, float* dq, float* dk, float* dv) {
+                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dk,
+                   float* dv) {
   const Problem& P = G.p;
   const int64_t hk = h / P.group();
   const int64_t bh = b * P.Hq + h;
   const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
-  const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
   const int64_t lanes = lanes_of(t.nq);
   const int groups = static_cast<int>(lanes / W);
 
   for (int64_t i = 0; i < lanes; ++i) {
     const bool valid = i < t.nq;
     s.lse[i] = valid ? G.lse[bh * P.Lq + t.i0 + i] : kPosInf;
+    s.lam[i] = valid ? G.lam[bh * P.Lq + t.i0 + i] : 0.0f;
     s.delta[i] = valid ? G.delta[bh * P.Lq + t.i0 + i] : 0.0f;
   }
-  // P = exp(scale * S - lse): 0 for rows with no visible key (lse = +inf).
+  // P = exp((scale * S - lse) - lam): 0 for rows with no visible key (lse = +inf).
   float* st = s.st.get();
   const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
   if (!tile_needs_mask(P, t)) {
     Epilogue probs;
     probs.scale = P.scale;
     probs.lane = s.lse;
+    probs.lane2 = s.lam;
     gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
                                lanes, probs);
   } else {
@@ -776,21 +1336,25 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
     for (int64_t j = 0; j < t.nk; ++j) {
       float* row = st + j * lanes;
       for (int g = 0; g < groups; ++g) {
-        Vec::store(row + g * W,
-                   Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W))));
+        const R x = Vec::sub(Vec::load(row + g * W), Vec::load(s.lse + g * W));
+        Vec::store(row + g * W, Vec::exp(Vec::sub(x, Vec::load(s.lam + g * W))));
       }
     }
   }
-  // Dropout: Z regenerated from the seed, Pd = P * Z is what multiplied V.
+  // Dropout: the keep-mask regenerated from the seed; Pd = P * Z (Z = keep * drop_scale)
+  // is what multiplied V. The z buffer holds keep as 1 / 0: the scale is already in
+  // v_rows, so dP * Z = keep * (dO . (drop_scale * V)), rounded as the forward rounded O.
   float* pd = P.dropout ? s.pd.get() : st;
   float* z = P.dropout ? s.z.get() : nullptr;
   if (P.dropout) {
+    const R one = Vec::set1(1.0f), drop_scale = Vec::set1(P.drop_scale);
     for (int64_t j = 0; j < t.nk; ++j) {
       for (int g = 0; g < groups; ++g) {
         const int64_t o = j * lanes + g * W;
-        const R zf = dropout_factor(P, b, h, t.i0, g, t.j0 + j);
-        Vec::store(z + o, zf);
-        Vec::store(pd + o, Vec::mul(Vec::load(st + o), zf));
+        const M keep = dropout_keep(P, b, h, t.i0, g, t.j0 + j);
+        Vec::store(z + o, Vec::blend(keep, one, Vec::zero()));
+        Vec::store(pd + o, Vec::blend(keep, Vec::mul(Vec::load(st + o), drop_scale),
+                                      Vec::zero()));
       }
     }
   }
@@ -798,24 +1362,27 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // dV[j] += sum_i Pd[j][i] dO[i]. Each tile's contribution is summed apart and
   // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
   float* part = s.part.get();
-  gemm<false, false>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
+  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
   add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
   // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
-  // (scale applied once here for both dQ and dK).
+  // (scale applied once here for both dQ and dK). Its sum over D runs in the order of
+  // backward_prepare's delta, so one visible key gives dS = 0 exactly.
   float* dp = s.dp.get();
   Epilogue dscores;
   dscores.scale = P.scale;
   dscores.lane = s.delta;
   dscores.p = st;
   dscores.z = z;
-  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, vb + t.j0 * P.v_sl, P.v_sl,
+  gemm<false, false, kDScores>(t.nk, lanes, P.Dv, v_rows, v_ld,
                                G.do_t + bh * P.Dv * G.lq_pad + t.i0, G.lq_pad, dp, lanes,
                                dscores);
   // dK[j] += sum_i dS[j][i] Q[i];  dQ[i] += sum_j dS[j][i] K[j]
-  gemm<false, false>(t.nk, P.D, t.nq, dp, lanes, P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
-                     P.q_sl, part, P.D);
+  gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes,
+                                           P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
+                                           P.q_sl, part, P.D);
   add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
-  gemm<false, true>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl, P.k_sl, part, P.D);
+  gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl,
+                                          P.k_sl, part, P.D);
   add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
 }
 
@@ -829,6 +1396,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
     s.z = make_buffer(key_tile * kQueryTile);
+    s.vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
   }
   const int64_t units = G.key_units(), per_chunk = G.units_per_chunk();
   const int64_t total = G.num_items();
@@ -845,14 +1413,37 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
       const int64_t lo = u * unit_rows, hi = std::min((u + 1) * unit_rows, P.Lk);
       for (int64_t j0 = lo; j0 < hi; j0 += key_tile) {
         const int64_t nk = std::min(key_tile, hi - j0);
+        // V rows of the tile; with dropout drop_scale * V, rounded as the forward's
+        // P * Z . V rounds them when one key is visible (then dS is exactly 0).
+        const float* v_rows = P.v + b * P.v_sb + hk * P.v_sh + j0 * P.v_sl;
+        int64_t v_ld = P.v_sl;
+        if (P.dropout) {
+          const float scale[1] = {P.drop_scale};
+          for (int64_t j = 0; j < nk; ++j) {
+            scale_rows(v_rows + j * P.v_sl, P.v_sl, 1, P.Dv, scale, s.vz.get() + j * P.Dv,
+                       P.Dv);
+          }
+          v_rows = s.vz.get();
+          v_ld = P.Dv;
+        }
         for (int64_t g = 0; g < P.group(); ++g) {
           const int64_t h = hk * P.group() + g;
           collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
-          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, dq, dk, dv);
+          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dk, dv);
         }
       }
     }
   }
 }
 
-const KernelSet kKernelSet = {kIsaName, &forward_worker, &backward_prepare, &backward_worker};
+void dropout_lanes(uint64_t seed, uint64_t base, uint64_t step, uint32_t counter1,
+                   float threshold, uint8_t* keep) {
+  const M m = Vec::dropout_keep(seed, base, step, counter1, threshold);
+  alignas(64) float v[W];
+  Vec::store(v, Vec::blend(m, Vec::set1(1.0f), Vec::zero()));
+  for (int l = 0; l < W; ++l) keep[l] = v[l] != 0.0f;
+}
+
+const KernelSet kKernelSet = {kIsaName,         &forward_worker,  &forward_merge,
+                               &backward_prepare, &backward_stats, &backward_worker,
+                               W,                 &dropout_lanes};

@@ -9,6 +9,8 @@ struct Vec {
   // 6 x 2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
   static constexpr int kMR = 6;
   static constexpr int kNV = 2;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 3;
   using R = __m256;
   using M = __m256;
 
@@ -79,6 +81,24 @@ struct Vec {
       _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
       _mm256_storeu_ps(dst + (4 + c) * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
     }
+  }
+
+  // Lane l of the result is the sum of the 8 lanes of r[l]: 8 horizontal sums at once
+  // (the row path's dot products, keys on lanes). A fixed tree: pairs within 128-bit
+  // lanes (unpack 32-bit, then 64-bit), then the two 128-bit halves.
+  static inline R transpose_sum(const R* r) {
+    R t[4], u[2];
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm256_add_ps(_mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                           _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    }
+    for (int i = 0; i < 2; ++i) {
+      const __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
+      u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                           _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                         _mm256_permute2f128_ps(u[0], u[1], 0x31));
   }
 
   // exp(x) to about 1 ulp; same reduction and polynomial as the AVX-512 version,

@@ -11,6 +11,8 @@ struct Vec {
   // accumulators (6 x 4 = 24 of the 32 zmm registers, 4 for B, 1 broadcast).
   static constexpr int kMR = 6;
   static constexpr int kNV = 4;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 3;
   using R = __m512;
   using M = __mmask16;
 
@@ -81,6 +83,27 @@ struct Vec {
       _mm512_storeu_ps(dst + (4 + c) * ld, _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0x88));
       _mm512_storeu_ps(dst + (12 + c) * ld, _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0xdd));
     }
+  }
+
+  // Lane l of the result is the sum of the 16 lanes of r[l]: 16 horizontal sums at once
+  // (the row path's dot products, keys on lanes). A fixed tree: pairs within 128-bit
+  // lanes (unpack 32-bit, then 64-bit), then across them (two 128-bit shuffle stages).
+  static inline R transpose_sum(const R* r) {
+    R t[8], u[4];
+    for (int i = 0; i < 8; ++i) {
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                           _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; ++i) {  // u[i], 128-bit lane L: lane-L sums of r[4i .. 4i+3]
+      const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const R z0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                               _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    const R z1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                               _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xdd));
   }
 
   // exp(x) to about 1 ulp: n = round(x / ln2), r = x - n*ln2 in two parts

@@ -7,6 +7,8 @@ struct Vec {
   static constexpr int W = 1;
   static constexpr int kMR = 4;
   static constexpr int kNV = 4;
+  // Rows of the two-chain micro-kernel (twice the accumulators per row).
+  static constexpr int kMR2 = 2;
   using R = float;
   using M = bool;
 
@@ -40,6 +42,7 @@ struct Vec {
   static inline M eq(R a, R b) { return a == b; }
   static inline M bytes_nonzero(const uint8_t* p, int n) { return n > 0 && p[0] != 0; }
   static inline R exp(R x) { return std::exp(x); }
+  static inline R transpose_sum(const R* r) { return r[0]; }
   static inline void transpose_store(const R* rows, float* dst, int64_t /*ld*/) { *dst = rows[0]; }
   static inline M dropout_keep(uint64_t seed, uint64_t base, uint64_t /*step*/, uint32_t c1,
                                float threshold) {

@@ -18,6 +18,12 @@ Kernel facts (see the C++ sources for the why):
 * instruction set picked at run time: AVX-512, AVX2+FMA or portable C++;
   ``MMATTN_CPU_ISA=avx512|avx2|generic`` forces one (tests use it), and
   :func:`kernel_isa` tells which one runs;
+* float32 sums in blocks (errors at or below PyTorch's float32 math for logits up to
+  thousands); the backward corrects the saved lse's rounding and recomputes
+  ``delta = rowsum(P * dP)`` for rows with ``|lse| >= 8``;
+* few query tiles (decoding) split the keys and merge through the log-sum-exp;
+  forward and backward are bitwise deterministic for any thread count (the work
+  split depends on the shape only);
 * ws_linear kernels take 2-D ``(batch, features)`` inputs with any strides (leading
   dimensions are flattened here) and are deterministic for any thread count;
 * attention is bitwise deterministic run to run (threads pull work items from a counter,
@@ -38,7 +44,7 @@ from mmattn import _extension
 from mmattn.backends import AttentionCall
 
 NAME = "cpu"
-BACKWARD_EXTRAS: frozenset[str] = frozenset()
+BACKWARD_EXTRAS: frozenset[str] = frozenset({"grad_lse"})
 
 FORWARD_OP = "fused_attention_fwd"
 BACKWARD_OP = "fused_attention_bwd"
@@ -111,13 +117,10 @@ def attention_forward(
     """``(out, lse, weights, out_fp32)`` from the fused CPU kernel (interface:
     :mod:`mmattn.backends`); the kernel visits only a block mask's nonempty blocks and
     skips element masking in full ones."""
-    out, lse, weights = torch.ops.mmattn.fused_attention_fwd(
+    return torch.ops.mmattn.fused_attention_fwd.default(
         q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-        _seed_int(dropout_seed), return_weights, *_block_args(block_mask, block_size))
-    # TODO(issue 11): the kernel's float32 output before rounding; until it returns it,
-    # the rounded output (no more accurate than `out`).
-    keep = keep_fp32_out and q.dtype in (torch.float16, torch.bfloat16)
-    return out, lse, weights, out.float() if keep else q.new_empty(0)
+        _seed_int(dropout_seed), return_weights, *_block_args(block_mask, block_size),
+        keep_fp32_out)
 
 
 def attention_backward(
@@ -128,10 +131,12 @@ def attention_backward(
     grad_lse: Tensor | None = None, grad_weights: Tensor | None = None,
     mask_needs_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, None]:
-    """``(dq, dk, dv, None)`` from the fused CPU kernel (interface: :mod:`mmattn.backends`)."""
-    dq, dk, dv = torch.ops.mmattn.fused_attention_bwd(
+    """``(dq, dk, dv, None)`` from the fused CPU kernel (interface: :mod:`mmattn.backends`);
+    ``out`` may be the forward's float32 ``out_fp32`` for half inputs, and ``grad_lse``
+    enters as ``delta_i = rowsum(dO_i * O_i) - grad_lse_i``."""
+    dq, dk, dv = torch.ops.mmattn.fused_attention_bwd.default(
         grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-        _seed_int(dropout_seed), *_block_args(block_mask, block_size))
+        _seed_int(dropout_seed), *_block_args(block_mask, block_size), grad_lse)
     return dq, dk, dv, None
 
 
@@ -175,17 +180,20 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"mmattn::{FORWARD_OP}")
     def _(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
           return_weights, kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks,
-          partial_index, partial_masks, block_q, block_k):
+          partial_index, partial_masks, block_q, block_k, keep_fp32_out=False):
         b, hq, lq, _ = q.shape
         out = q.new_empty(b, hq, lq, v.shape[-1])
         lse = q.new_empty(b, hq, lq, dtype=torch.float32)
         weights = q.new_empty(b, hq, lq, k.shape[2]) if return_weights else q.new_empty(0)
-        return out, lse, weights
+        keep = keep_fp32_out and q.dtype != torch.float32
+        out_fp32 = (q.new_empty(b, hq, lq, v.shape[-1], dtype=torch.float32) if keep
+                    else q.new_empty(0))
+        return out, lse, weights, out_fp32
 
     @torch.library.register_fake(f"mmattn::{BACKWARD_OP}")
     def _(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p,
           scale, dropout_seed, kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks,
-          partial_index, partial_masks, block_q, block_k):
+          partial_index, partial_masks, block_q, block_k, grad_lse=None):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
