@@ -632,10 +632,10 @@ _HALF = {
                   90: {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)],
                        128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
                        256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}},
-        "heavy": {80: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+        "heavy": {80: {64: [(128, 32, 8, 2), (64, 64, 8, 2)],
                        128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
                        256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]},
-                  90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+                  90: {64: [(128, 32, 8, 2), (64, 64, 8, 2)],
                        128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
                        256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]}},
     },
@@ -677,12 +677,19 @@ _HALF = {
 # float32: FMA dots (input_precision="ieee") unless TF32 is allowed: small tiles, and
 # 8 warps where the operands' K slices would not fit 4 warps' registers.
 _FP32 = {
-    "fwd": {64: [(32, 32, 4, 2), (64, 16, 4, 2)], 128: [(32, 16, 4, 1)],
-            256: [(16, 16, 8, 1)]},
-    "weights": {64: [(32, 32, 4, 2)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-    "bwd_dkdv": {64: [(16, 32, 8, 2)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
-    "bwd_dq": {64: [(32, 16, 4, 2), (16, 32, 4, 2)], 128: [(16, 16, 4, 1), (32, 16, 4, 1)],
-               256: [(16, 16, 8, 1)]},
+    "fwd": {"light": {64: [(32, 32, 4, 2), (64, 16, 4, 2)], 128: [(32, 16, 4, 1)],
+                      256: [(16, 16, 8, 1)]},
+            "heavy": {64: [(32, 32, 4, 2), (64, 16, 4, 2)], 128: [(32, 16, 4, 1)],
+                      256: [(16, 16, 8, 1)]}},
+    "weights": {"light": {64: [(32, 32, 4, 2)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+                "heavy": {64: [(32, 32, 4, 2)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]}},
+    "bwd_dkdv": {"light": {64: [(16, 32, 8, 2)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+                 "heavy": {64: [(16, 32, 8, 2)], 128: [(16, 16, 4, 1)],
+                           256: [(16, 16, 4, 1)]}},
+    "bwd_dq": {"light": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                         128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
+               "heavy": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                         128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
 }
 _PREPROCESS = [(64, 4), (128, 8)]  # (BLOCK_M, num_warps)
 # One config under TRITON_INTERPRET=1 (no autotuning there). The interpreter runs each
@@ -726,10 +733,11 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, block_dv: i
     if kernel == "bwd_preprocess":
         return [(m, 0, w, 1) for m, w in _PREPROCESS]
     bucket = head_bucket(max(block_d, block_dv))
+    kind = "heavy" if heavy else "light"
     if dtype == torch.float32:
-        tiles = _FP32[kernel][bucket]
+        tiles = _FP32[kernel][kind][bucket]
     else:
-        tiles = _HALF[kernel]["heavy" if heavy else "light"][90 if arch >= 90 else 80][bucket]
+        tiles = _HALF[kernel][kind][90 if arch >= 90 else 80][bucket]
     fitted: list[tuple[int, ...]] = []
     for tile in tiles:
         cut = _fit_to_blocks(tile, bq, bk)
@@ -830,10 +838,16 @@ def _interpret_meta(kernel: str, bq: int, bk: int) -> dict[str, int]:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of the kernels' dots: float32 inputs run IEEE fp32 dots unless
-    ``torch.backends.cuda.matmul.allow_tf32`` is set; half inputs ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
-        return "tf32"
-    return "ieee"
+    TF32 is allowed for CUDA matmuls (``torch.backends.cuda.matmul.allow_tf32``, or its
+    newer spelling ``fp32_precision == "tf32"``); half inputs ignore it."""
+    if dtype != torch.float32 or INTERPRET:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    # Once the new API was used torch refuses to read allow_tf32; fp32_precision follows
+    # both spellings (allow_tf32 = True sets it to "tf32").
+    precision = getattr(matmul, "fp32_precision", None)
+    tf32 = precision == "tf32" if isinstance(precision, str) else bool(matmul.allow_tf32)
+    return "tf32" if tf32 else "ieee"
 
 
 def _seed_words(seed: int | None) -> tuple[int, int]:

@@ -20,13 +20,11 @@ bitwise reproducible. All accumulation is float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .attention import dot_precision
 
 # Fixed configs (no autotuning), checked ahead of time for sm_80 / sm_90 by
 # scripts/triton_aot_check.py. Element kernels: BLOCK_B batch rows x BLOCK_R features
@@ -38,8 +36,10 @@ ELEMENT_SDDMM_CONFIG = {"BLOCK_B": 32, "BLOCK_E": 64, "num_warps": 4}
 MAX_TILE = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
 
 
-def block_config(t: int) -> dict[str, int]:
+def block_config(t: int, dtype: torch.dtype) -> dict[str, int]:
     """``BLOCK_B``, ``num_warps``, ``num_stages`` of the block kernels for tile ``t``."""
+    if dtype == torch.float32:
+        return {"BLOCK_B": 32, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_B": 64, "num_warps": 8 if t >= 64 else 4, "num_stages": 2}
 KERNEL_NAMES = ("spmm", "spmm_block", "sddmm", "sddmm_block")
 
@@ -51,8 +51,11 @@ def _ws_spmm_kernel(X, Vals, Ptr, Idx, Perm, Bias, Y, N, ROWS, stride_xn, stride
     """``Y[n, r] = bias[r] + sum_{e in Ptr[r]..Ptr[r+1]} Vals[Perm[e]] * X[n, Idx[e]]``
     (``Perm`` the identity unless HAS_PERM): the forward over the CSR, dX over the
     transposed layout. ``Y`` is (N, ROWS) contiguous."""
-    nb = tl.program_id(0)
-    rb = tl.program_id(1)
+    # one grid axis (batch tiles fastest): y and z are limited to 65535 programs
+    pid = tl.program_id(0)
+    batch_tiles = tl.cdiv(N, BLOCK_B)
+    nb = pid % batch_tiles
+    rb = pid // batch_tiles
     n = nb * BLOCK_B + tl.arange(0, BLOCK_B)
     n_ok = n < N
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -86,8 +89,9 @@ def _ws_spmm_block_kernel(X, Vals, Ptr, Idx, Perm, Bias, Y, N, IN_DIM, OUT_DIM, 
     W_e[i, j]`` over the blocks ``e`` of block row R. dX (TRANSPOSED True, Ptr/Idx/Perm the
     transposed layout, X = dY): ``Y[:, C*bs + j] = sum_e dY[:, R*bs + i] W_e[i, j]``. One
     program: ``BLOCK_B`` batch rows x ``T`` output features of one block row (column)."""
-    nb = tl.program_id(0)
-    pid = tl.program_id(1)
+    batch_tiles = tl.cdiv(N, BLOCK_B)
+    nb = tl.program_id(0) % batch_tiles
+    pid = tl.program_id(0) // batch_tiles
     subs = tl.cdiv(BS, T)
     blk = pid // subs
     o0 = (pid % subs) * T
@@ -191,12 +195,6 @@ def block_tile(block_size: int, dtype: torch.dtype) -> int:
     return min(MAX_TILE[dtype], max(16, triton.next_power_of_2(block_size)))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
-        return "tf32"
-    return "ieee"
-
-
 def _spmm(x: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor,
           perm: torch.Tensor | None, bias: torch.Tensor | None, rows: int, in_dim: int,
           block_size: int, transposed: bool) -> torch.Tensor:
@@ -210,18 +208,18 @@ def _spmm(x: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor, idx: torch.T
     bias_arg = bias if bias is not None else y
     if block_size == 1:
         cfg = ELEMENT_CONFIG
-        grid = (triton.cdiv(n, cfg["BLOCK_B"]), triton.cdiv(rows, cfg["BLOCK_R"]))
+        grid = (triton.cdiv(n, cfg["BLOCK_B"]) * triton.cdiv(rows, cfg["BLOCK_R"]),)
         _ws_spmm_kernel[grid](x, values, ptr, idx, perm_arg, bias_arg, y, n, rows,
                               x.stride(0), x.stride(1), HAS_PERM=perm is not None,
                               HAS_BIAS=bias is not None, **cfg)
         return y
     t = block_tile(block_size, x.dtype)
-    cfg = block_config(t)
+    cfg = block_config(t, x.dtype)
     num_blocks = ptr.numel() - 1
-    grid = (triton.cdiv(n, cfg["BLOCK_B"]), num_blocks * triton.cdiv(block_size, t))
+    grid = (triton.cdiv(n, cfg["BLOCK_B"]) * num_blocks * triton.cdiv(block_size, t),)
     _ws_spmm_block_kernel[grid](x, values, ptr, idx, perm_arg, bias_arg, y, n, in_dim, rows,
                                 block_size, x.stride(0), x.stride(1), TRANSPOSED=transposed,
-                                HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), T=t,
+                                HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), T=t,
                                 **cfg)
     return y
 
@@ -267,5 +265,5 @@ def ws_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tens
             _ws_sddmm_block_kernel[(nnz * subs * subs,)](
                 grad_y, x, row, col, d_values, n, in_features, out_features, block_size,
                 grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
-                PRECISION=_precision(x.dtype), T=t, **block_config(t))
+                PRECISION=dot_precision(x.dtype), T=t, **block_config(t, x.dtype))
     return dx, d_values, d_bias

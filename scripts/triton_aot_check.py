@@ -14,8 +14,8 @@ tensor-core instructions. The exit status is 1 when any row fails.
 
 Attention kernels have "light" config lists (calls with at most key padding and causal
 masking) and "heavy" ones (a mask tile, a block mask or dropout). Light configs compile
-as ``light`` (key padding + causal) and, in the full run, ``plain`` (no mask); heavy
-ones as ``heavy``: float ``attn_mask`` + key padding + causal + block mask + dropout +
+as ``light`` (key padding + causal: a superset of the plain dense call), heavy ones as
+``heavy``: float ``attn_mask`` + key padding + causal + block mask + dropout +
 a GQA group of 8, the most registers any call needs. Block-sparse calls cut the tiles
 to the BlockMask's block sizes (``kernels/attention.py``, ``_fit_to_blocks``); the full
 run also compiles the heavy tiles that block sizes 16 and 32 produce.
@@ -83,9 +83,9 @@ def _torch_dtype(name: str):
 # ---- jobs ----------------------------------------------------------------------------------
 
 def attention_jobs(quick: bool) -> list[Job]:
-    """Light lists compile as ``light`` (key padding + causal; also ``plain`` in the full
-    run), heavy lists as ``heavy``; the full run adds the heavy tiles cut to BlockMask
-    block sizes 16 and 32."""
+    """Light lists compile as ``light`` (key padding + causal, a superset of the plain
+    dense call), heavy lists as ``heavy``; the full run adds the heavy tiles cut to
+    BlockMask block sizes 16 and 32."""
     from mmattn.kernels import attention as A
 
     jobs: list[Job] = []
@@ -107,10 +107,7 @@ def attention_jobs(quick: bool) -> list[Job]:
                         dense = A.candidate_configs(kernel, _torch_dtype(dtype), head, head,
                                                     arch=arch, heavy=heavy)
                         for tile in (dense[:1] if quick else dense):
-                            if heavy:
-                                tiles.append((tile, "heavy"))
-                            else:
-                                tiles += [(tile, "light")] + ([] if quick else [(tile, "plain")])
+                            tiles.append((tile, "heavy" if heavy else "light"))
                     if not quick:
                         for bq in (16, 32):
                             for bk in (16, 32):
@@ -142,7 +139,7 @@ def ws_jobs(quick: bool) -> list[Job]:
             jobs.append(Job("ws_linear", "sddmm", "elem", dtype, arch, 0, cfg["BLOCK_B"],
                             cfg["BLOCK_E"], cfg["num_warps"], 1))
             for t in tiles:
-                cfg = W.block_config(t)
+                cfg = W.block_config(t, _torch_dtype(dtype))
                 for kernel, transposed in (("spmm_block", False), ("spmm_block", True),
                                            ("sddmm_block", False)):
                     variant = f"T{t}" + (" dX" if transposed else "")
@@ -328,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="write benchmarks/results/triton_aot.md and .csv")
     parser.add_argument("--only", default="", help="run kernels whose name contains this")
+    parser.add_argument("--progress", action="store_true", help="print each row as it is done")
     args = parser.parse_args(argv)
 
     import triton
@@ -336,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         jobs = [j for j in jobs if args.only in f"{j.module}.{j.kernel}"]
     start = time.perf_counter()
+    rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(compile_job, jobs))
+        for i, row in enumerate(pool.map(compile_job, jobs), 1):
+            rows.append(row)
+            if args.progress:
+                print(f"[{i}/{len(jobs)}] {row['kernel']} {row['variant']} {row['dtype']} "
+                      f"{row['arch']} {row['head']} {row['config']}: regs {row['regs']} "
+                      f"spills {row['spill_bytes']} smem {row['smem_bytes']} "
+                      f"{row['tensor_cores']} {row['status']}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     failed = [r for r in rows if r["status"] != "ok"]
     header = (f"# Triton AOT compile check (triton {triton.__version__}, "

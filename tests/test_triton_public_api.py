@@ -102,3 +102,16 @@ def test_converted_seed_models_run_through_the_triton_interpreter():
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "calls" in result.stdout
+
+
+def test_info_lists_the_triton_kernels():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "mmattn.info"], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if not triton_backend.INSTALLED:
+        assert "triton is not installed" in result.stdout
+        return
+    for op, text in triton_backend.KERNELS:
+        assert f"{op:<10} {text}" in result.stdout
+    assert "kernels/attention.py" in result.stdout and "kernels/ws_linear.py" in result.stdout

@@ -40,6 +40,7 @@ INSTALLED = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_HEAD_DIM = 256  # kernels/attention.py pads head dims to powers of two up to this
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
 
 
 # What `python -m mmattn.info` prints about the kernels (one place: this module says
@@ -82,7 +83,11 @@ def attention_unsupported(call: AttentionCall) -> str | None:
     reason = device_reason(call.q.device) or _dtype_reason(call.q, "attention")
     if reason:
         return reason
-    d, dv = call.q.shape[-1], call.v.shape[-1]
+    b, hq, _, d = call.q.shape
+    dv = call.v.shape[-1]
+    if b * hq > _MAX_GRID_Y:
+        return (f"the triton attention kernels launch one grid row per (batch, head): "
+                f"B * Hq = {b * hq} exceeds {_MAX_GRID_Y}")
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return (f"the triton attention kernels support head dims up to {MAX_HEAD_DIM}, got "
                 f"D={d}, Dv={dv}")
