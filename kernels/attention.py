@@ -39,8 +39,11 @@ mask ``partial_masks[idx] (P, pq, pk)`` (positions past ``pq``/``pk`` hidden). W
 power-of-two block sizes the tiles are the blocks, or equal slices of them.
 
 Tile sizes come from :func:`candidate_configs` (sm_80 / sm_90 lists keyed on the
-padded head dims, the block sizes and the dtype); ``triton.autotune`` picks among
-them on a GPU, the interpreter (``TRITON_INTERPRET=1``) runs one fixed config.
+padded head dims, the block sizes, the dtype and whether the call is "heavy": a mask
+tile, a block mask or dropout); ``triton.autotune`` picks among them on a GPU, the
+interpreter (``TRITON_INTERPRET=1``) runs one fixed config. Dots take float16/bfloat16
+operands with float32 accumulation; float32 operands use IEEE dots unless TF32 is
+allowed (:func:`dot_precision`).
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ import triton.language as tl
 from .philox import philox_uniform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MAX_HEAD_DIM = 256
 
 # ---------------------------------------------------------------------------------------
 # device functions
@@ -636,7 +638,7 @@ _HALF = {
                        128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
                        256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]},
                   90: {64: [(128, 32, 8, 2), (64, 64, 8, 2)],
-                       128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+                       128: [(64, 64, 8, 2), (128, 32, 8, 2)],
                        256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]}},
     },
     "weights": {
@@ -654,7 +656,7 @@ _HALF = {
                        128: [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
                        256: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)]},
                   90: {64: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
-                       128: [(32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+                       128: [(32, 64, 8, 2), (16, 64, 4, 2)],
                        256: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)]}},
         "heavy": {80: {64: [(32, 32, 4, 2)], 128: [(16, 64, 8, 2), (16, 32, 4, 2)],
                        256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
@@ -668,10 +670,10 @@ _HALF = {
                   90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
                        128: [(128, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 1)]}},
         "heavy": {80: {64: [(32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
-                       256: [(32, 32, 8, 1), (16, 32, 4, 1)]},
+                       256: [(16, 32, 4, 1)]},
                   90: {64: [(128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
                        128: [(64, 32, 8, 2), (32, 32, 4, 2)],
-                       256: [(32, 32, 8, 1), (16, 32, 4, 1)]}},
+                       256: [(16, 32, 4, 1)]}},
     },
 }
 # float32: FMA dots (input_precision="ieee") unless TF32 is allowed: small tiles, and
@@ -706,15 +708,28 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _fit_to_blocks(tile: tuple[int, int, int, int], bq: int, bk: int) -> tuple[int, ...]:
-    """A dense config cut down to the BlockMask's block sizes (0 = dense): a tile never
-    exceeds the (power-of-two padded) block; a tile that was cut gets fewer warps."""
+# (num_warps, num_stages, maxnreg) of a half-precision tile cut to a BlockMask's small
+# blocks, per kernel, from AOT compiles. Small tiles need few warps and no buffering,
+# but for dK/dV and dQ ptxas then aimed at more resident blocks (e.g. 168 registers
+# for 128 threads) and spilled a few bytes to get there: maxnreg = 255 lifts that aim.
+# (Set on every heavy tile, maxnreg made other tiles spill: ptxas then unrolls more.)
+_CUT_TILE = {"fwd": (4, 1, 0), "weights": (4, 1, 0), "bwd_dkdv": (4, 1, 255),
+             "bwd_dq": (8, 1, 255)}
+
+
+def _fit_to_blocks(kernel: str, tile: tuple[int, int, int, int], bq: int, bk: int,
+                   dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """A dense config cut down to the BlockMask's block sizes (0 = dense), as
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg)``: a tile never exceeds the
+    (power-of-two padded) block. A cut half-precision tile takes :data:`_CUT_TILE`'s
+    launch settings; float32 tiles keep theirs (their lists are small tiles already)."""
     bm, bn, warps, stages = tile
     cut_m = min(bm, _pow2(bq)) if bq else bm
     cut_n = min(bn, _pow2(bk)) if bk else bn
-    if (cut_m, cut_n) != (bm, bn):
-        warps = min(warps, max(1, cut_m * cut_n // 512))
-    return cut_m, cut_n, warps, stages
+    maxnreg = 0
+    if (cut_m, cut_n) != (bm, bn) and dtype != torch.float32:
+        warps, stages, maxnreg = _CUT_TILE[kernel]
+    return cut_m, cut_n, warps, stages, maxnreg
 
 
 def is_heavy(mask_kind: int, has_dropout: bool, has_blocks: bool) -> bool:
@@ -725,22 +740,22 @@ def is_heavy(mask_kind: int, has_dropout: bool, has_blocks: bool) -> bool:
 
 def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, block_dv: int,
                       bq: int = 0, bk: int = 0, arch: int = 90,
-                      heavy: bool = False) -> list[tuple[int, ...]]:
-    """The autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of an
-    attention kernel ("bwd_preprocess" has ``(BLOCK_M, 0, num_warps, 1)``); ``bq``/``bk``
-    are the BlockMask's block sizes (0: dense); ``arch`` 80 or 90 (newer GPUs use the
-    sm_90 lists); ``heavy`` see :func:`is_heavy`."""
+                      heavy: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """The autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg)``
+    of an attention kernel (``maxnreg`` 0: ptxas chooses; "bwd_preprocess" has
+    ``BLOCK_N`` 0); ``bq``/``bk`` are the BlockMask's block sizes (0: dense); ``arch`` 80
+    or 90 (newer GPUs use the sm_90 lists); ``heavy`` see :func:`is_heavy`."""
     if kernel == "bwd_preprocess":
-        return [(m, 0, w, 1) for m, w in _PREPROCESS]
+        return [(m, 0, w, 1, 0) for m, w in _PREPROCESS]
     bucket = head_bucket(max(block_d, block_dv))
     kind = "heavy" if heavy else "light"
     if dtype == torch.float32:
         tiles = _FP32[kernel][kind][bucket]
     else:
         tiles = _HALF[kernel][kind][90 if arch >= 90 else 80][bucket]
-    fitted: list[tuple[int, ...]] = []
+    fitted: list[tuple[int, int, int, int, int]] = []
     for tile in tiles:
-        cut = _fit_to_blocks(tile, bq, bk)
+        cut = _fit_to_blocks(kernel, tile, bq, bk, dtype)
         if cut not in fitted:
             fitted.append(cut)
     return fitted
@@ -760,9 +775,10 @@ def _all_configs(kernel: str) -> list[triton.Config]:
                             seen.update(candidate_configs(kernel, dtype, d, d, bq, bk, arch,
                                                           heavy))
     configs = []
-    for bm, bn, warps, stages in sorted(seen):
+    for bm, bn, warps, stages, maxnreg in sorted(seen):
         meta = {"BLOCK_M": bm} if kernel == "bwd_preprocess" else {"BLOCK_M": bm, "BLOCK_N": bn}
-        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages,
+                                     maxnreg=maxnreg or None))
     return configs
 
 
@@ -784,7 +800,7 @@ def _prune(kernel: str):
         keep = []
         for config in configs:
             key = (config.kwargs["BLOCK_M"], config.kwargs.get("BLOCK_N", 0),
-                   config.num_warps, config.num_stages)
+                   config.num_warps, config.num_stages, config.maxnreg or 0)
             if key in wanted:
                 keep.append(config)
         return keep

@@ -3,8 +3,9 @@
 
 For every kernel x autotune config x dtype (float16, bfloat16, float32) x arch, the kernel
 is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
-registers and spills are read with the ``ptxas -v`` bundled with Triton (run on the
-PTX Triton produced, same arch), shared memory from the compiled kernel's metadata, and
+registers and spills are read from the cubin Triton built, with the ``cuobjdump
+--dump-resource-usage`` bundled with Triton (spilled registers live in the stack frame:
+``STACK`` + ``LOCAL`` bytes), shared memory from the compiled kernel's metadata, and
 tensor-core instructions from the PTX (``mma.sync`` on sm_80; ``wgmma`` on sm_90 when a
 dot of the config has M >= 64 and a warp-group multiple of warps, else ``mma.sync``).
 
@@ -67,11 +68,13 @@ class Job:
     warps: int
     stages: int
     transposed: bool = False  # ws_linear spmm_block: the dX kernel
+    maxnreg: int = 0          # ptxas register bound (0: ptxas chooses)
 
     def config(self) -> str:
+        bound = f" r{self.maxnreg}" if self.maxnreg else ""
         if self.module == "ws_linear":
-            return f"B{self.block_m} T{self.block_n} w{self.warps} s{self.stages}"
-        return f"{self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
+            return f"B{self.block_m} T{self.block_n} w{self.warps} s{self.stages}{bound}"
+        return f"{self.block_m}x{self.block_n} w{self.warps} s{self.stages}{bound}"
 
 
 def _torch_dtype(name: str):
@@ -97,7 +100,7 @@ def attention_jobs(quick: bool) -> list[Job]:
                 for head in heads:
                     if kernel == "bwd_preprocess":
                         if head == heads[0]:  # only BLOCK_DV depends on the head dim
-                            for bm, bn, warps, stages in A.candidate_configs(
+                            for bm, bn, warps, stages, _ in A.candidate_configs(
                                     kernel, _torch_dtype(dtype), head, head, arch=arch):
                                 jobs.append(Job("attention", kernel, "plain", dtype, arch,
                                                 head, bm, bn, warps, stages))
@@ -115,9 +118,9 @@ def attention_jobs(quick: bool) -> list[Job]:
                                                                 head, head, bq, bk, arch, True):
                                     if (tile, "heavy") not in tiles:
                                         tiles.append((tile, "heavy"))
-                    for (bm, bn, warps, stages), variant in tiles:
+                    for (bm, bn, warps, stages, maxnreg), variant in tiles:
                         jobs.append(Job("attention", kernel, variant, dtype, arch, head, bm, bn,
-                                        warps, stages))
+                                        warps, stages, maxnreg=maxnreg))
     return jobs
 
 
@@ -262,7 +265,9 @@ def compile_job(job: Job) -> dict:
     try:
         compiled = triton.compile(ASTSource(fn, sig, const, attrs),
                                   target=GPUTarget("cuda", job.arch, 32),
-                                  options=dict(num_warps=job.warps, num_stages=job.stages))
+                                  options=dict(num_warps=job.warps, num_stages=job.stages,
+                                               **({"maxnreg": job.maxnreg} if job.maxnreg
+                                                  else {})))
     except Exception as exc:  # a config that does not compile fails the check
         row.update(regs="", spill_bytes="", smem_bytes="", tensor_cores="", seconds="",
                    status=f"FAIL: compile error {type(exc).__name__}: "
@@ -270,23 +275,25 @@ def compile_job(job: Job) -> dict:
         return row
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
+    # Registers and spills of the cubin Triton built (its ptxas flags differ between
+    # versions, e.g. 3.8 adds --regAllocOptLevel=2): spilled registers live in the stack
+    # frame (Triton inlines every call, so nothing else does).
     with tempfile.TemporaryDirectory() as tmp:
-        ptx_path = Path(tmp) / "k.ptx"
-        ptx_path.write_text(ptx)
-        gpu = "sm_90a" if job.arch == 90 else f"sm_{job.arch}"
-        out = subprocess.run([_nvidia_bin("ptxas"), "-v", f"--gpu-name={gpu}", str(ptx_path),
-                              "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-    info = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", info)
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out.stdout)
+    regs = int(usage.group(1)) if usage else None
+    spill = int(usage.group(2)) + int(usage.group(4)) if usage else 0
     smem = int(compiled.metadata.shared)
     cores = ("wgmma" if "wgmma.mma_async" in ptx else
              "mma.sync" if "mma.sync" in ptx else "none")
     problems = []
     if regs is None:
-        problems.append("ptxas -v gave no register count")
-    if sum(spills):
-        problems.append(f"spills {max(spills)} bytes")
+        problems.append("cuobjdump gave no resource usage")
+    if spill:
+        problems.append(f"spills ({spill} bytes of stack)")
     if smem > SMEM_LIMIT[job.arch]:
         problems.append(f"shared memory {smem} > {SMEM_LIMIT[job.arch]}")
     if job.module == "attention" and job.kernel != "bwd_preprocess" and job.dtype != "fp32":
@@ -295,7 +302,7 @@ def compile_job(job: Job) -> dict:
         want = "wgmma" if job.arch == 90 and big_dot and job.warps % 4 == 0 else "mma.sync"
         if cores == "none" or (want == "wgmma" and cores != "wgmma"):
             problems.append(f"no {want} tensor-core instructions")
-    row.update(regs=int(regs.group(1)) if regs else "", spill_bytes=max(spills, default=0),
+    row.update(regs=regs if regs is not None else "", spill_bytes=spill,
                smem_bytes=smem, tensor_cores=cores, seconds=f"{seconds:.1f}",
                status="FAIL: " + "; ".join(problems) if problems else "ok")
     return row

@@ -23,6 +23,7 @@ computed only when needed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -101,6 +102,11 @@ def ws_linear_unsupported(x: Tensor) -> str | None:
 _KERNELS: dict[str, ModuleType] = {}
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _kernels(name: str) -> ModuleType:
     """``mmattn.kernels.<name>``, imported on first use (importing it imports Triton)."""
     module = _KERNELS.get(name)
@@ -119,9 +125,10 @@ def attention_forward(
     block_size: list[int] | None = None, keep_fp32_out: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, lse, weights, out_fp32)`` from the Triton forward (and weights pass)."""
-    return _kernels("attention").attention_forward(
-        q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
-        return_weights, block_mask, block_size, keep_fp32_out)
+    with _on_device(q):
+        return _kernels("attention").attention_forward(
+            q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
+            return_weights, block_mask, block_size, keep_fp32_out)
 
 
 def attention_backward(
@@ -137,9 +144,10 @@ def attention_backward(
     if grad_weights is not None or mask_needs_grad:
         raise NotImplementedError("the triton attention backward computes neither the "
                                   "gradient of the weights nor that of a float mask")
-    dq, dk, dv = _kernels("attention").attention_backward(
-        grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p,
-        scale, dropout_seed, block_mask, block_size, grad_lse)
+    with _on_device(q):
+        dq, dk, dv = _kernels("attention").attention_backward(
+            grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p,
+            scale, dropout_seed, block_mask, block_size, grad_lse)
     return dq, dk, dv, None
 
 
@@ -152,8 +160,9 @@ def ws_linear_forward(
 ) -> Tensor:
     """``y (..., out_features)`` by CSR SpMM over ``x.reshape(-1, in_features)``."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y = _kernels("ws_linear").ws_linear_forward(x2d, values, crow_indices, col_indices,
-                                                out_features, block_size, bias)
+    with _on_device(x):
+        y = _kernels("ws_linear").ws_linear_forward(x2d, values, crow_indices, col_indices,
+                                                    out_features, block_size, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
 
 
@@ -167,9 +176,10 @@ def ws_linear_backward(
     entries; each None when not needed."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     gy = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, out_features)
-    dx, d_values, d_bias = _kernels("ws_linear").ws_linear_backward(
-        gy, x2d, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
-        transpose_perm, block_size, has_bias, need_dx, need_d_values)
+    with _on_device(x):
+        dx, d_values, d_bias = _kernels("ws_linear").ws_linear_backward(
+            gy, x2d, values, crow_indices, col_indices, row_indices, ccol_indices,
+            row_indices_t, transpose_perm, block_size, has_bias, need_dx, need_d_values)
     if dx is not None and x.dim() != 2:
         dx = dx.view(x.shape)
     return dx, d_values, d_bias
