@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(bfloat16 shares float16's lists and code path)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--write", action="store_true",
-                        help="write benchmarks/results/triton_aot.md and .csv")
+                        help="write the table to OUT.md and OUT.csv")
+    parser.add_argument("--out", default="benchmarks/results/triton_aot",
+                        help="path prefix of --write's files (default %(default)s)")
     parser.add_argument("--only", default="", help="run kernels whose name contains this")
     parser.add_argument("--progress", action="store_true", help="print each row as it is done")
     args = parser.parse_args(argv)
@@ -361,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, header)
     print(text)
     if args.write:
-        out = ROOT / "benchmarks" / "results"
-        (out / "triton_aot.md").write_text(text)
-        with open(out / "triton_aot.csv", "w", newline="") as f:
+        prefix = ROOT / args.out
+        prefix.with_suffix(".md").write_text(text)
+        with open(prefix.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
