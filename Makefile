@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint wheel-check sanitize env emu clean
+.PHONY: run test lint wheel-check sanitize triton-aot triton-aot-ci env emu clean
 
 env:
 	bash scripts/dev_env.sh
@@ -22,6 +22,16 @@ emu: env
 test: env emu
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## triton-aot: compile every Triton kernel config for sm_80 and sm_90 (no GPU needed),
+## fail on spills / shared memory / missing tensor cores; rewrites
+## benchmarks/results/triton_aot.{md,csv} (~30 min on 2 cores)
+triton-aot: env
+	$(PY) scripts/triton_aot_check.py --write
+
+## triton-aot-ci: the CI subset of triton-aot (~3 min on 2 cores), prints only
+triton-aot-ci: env
+	$(PY) scripts/triton_aot_check.py --quick
 
 ## wheel-check: abi3 wheel with sm_80/sm_90 code, installed into a fresh venv
 wheel-check: env

@@ -7,4 +7,9 @@ imported.
 
 Modules:
     philox: Philox4x32-10 uniforms, bit-identical to mmattn.philox and csrc/philox.h.
+    attention: fused attention (FlashAttention-2 style) forward, weights pass, backward.
+    ws_linear: Watts-Strogatz sparse linear: CSR SpMM, transposed SpMM, SDDMM.
+
+Dispatch and validation live in mmattn/backends/triton.py; the ahead-of-time compile
+check of every kernel config for sm_80 / sm_90 is scripts/triton_aot_check.py.
 """

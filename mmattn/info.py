@@ -87,12 +87,16 @@ def report() -> str:
     if not triton_backend.INSTALLED:
         lines.append("  triton     not usable: triton is not installed")
     elif dispatch.CUDA_AVAILABLE:
-        lines.append("  triton     usable on CUDA tensors")
+        lines.append("  triton     usable on CUDA tensors (whenever the CUDA C++ kernels do not "
+                     "cover a call)")
     elif triton_backend.INTERPRET:
         lines.append("  triton     interpreter available (TRITON_INTERPRET=1): runs on CPU tensors")
     else:
         lines.append("  triton     installed; no GPU here, interpreter available with "
                      "TRITON_INTERPRET=1 (CPU tensors, slow)")
+    if triton_backend.INSTALLED:
+        for op, text in triton_backend.KERNELS:
+            lines.append(f"             {op:<10} {text}")
     lines.append("")
     forced = dispatch.forced_backend()
     lines.append(f"backend override: {forced or 'none (automatic)'}  [MMATTN_BACKEND]")
