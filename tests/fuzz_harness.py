@@ -44,6 +44,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ from mmattn.philox import dropout_keep_mask
 F64 = torch.float64
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+_EMULATOR = Path(mmattn.__file__).resolve().parent / "_C_emu.abi3.so"
 # Interpreted / emulated backends: at most this many cases per op and session, and only
 # cases whose work (elements of the score or weight matrix times head dim) is below
 # SLOW_WORK.
@@ -76,7 +78,7 @@ _slow_used: Counter[str] = Counter()
 @dataclass(frozen=True)
 class Variant:
     """One way of running a backend: the backend name and, for ``cpu``, the forced
-    instruction-set build."""
+    instruction-set build (``cuda/emu``: the CUDA kernels on the SIMT emulator)."""
 
     backend: str
     isa: str | None = None
@@ -95,6 +97,12 @@ class Variant:
         if self.isa is None:
             yield
             return
+        if self.isa == "emu":
+            from mmattn.backends import cuda
+
+            with cuda.emulation():
+                yield
+            return
         before = os.environ.get("MMATTN_CPU_ISA")
         os.environ["MMATTN_CPU_ISA"] = self.isa
         try:
@@ -112,6 +120,9 @@ def variants() -> tuple[Variant, ...]:
     machine runs (the kernels read ``MMATTN_CPU_ISA`` on every call)."""
     found: list[Variant] = []
     for name in backends.NAMES:
+        if name == "cuda" and not torch.cuda.is_available() and _EMULATOR.exists():
+            found.append(Variant("cuda", "emu"))
+            continue
         if name != "cpu":
             found.append(Variant(name))
             continue
@@ -494,7 +505,7 @@ def _attention_grads(case, inputs, leaves, out, weights, lse) -> dict[str, torch
     return results
 
 
-def _attention_supported(case, inputs, v: Variant) -> bool:
+def _attention_supported(case, inputs, v: Variant, op: str = "attention") -> bool:
     b, hq, _hkv, lq, lk, d, dv = case["shape"]
     fq, fk, fv = inputs["views"]
     needs_grad = bool(case["grad"])
@@ -513,7 +524,7 @@ def _attention_supported(case, inputs, v: Variant) -> bool:
                 scale=case["scale"], return_weights=case["weights"], backend=v.backend)
     except BackendUnavailableError:
         return False
-    return _use_slow("attention", v, b * hq * lq * lk * max(d, dv, 1))
+    return _use_slow(op, v, b * hq * lq * lk * max(d, dv, 1))
 
 
 def check_attention(case: dict[str, Any], chosen: list[Variant] | None = None) -> None:
@@ -574,7 +585,7 @@ def check_block_mask(case: dict[str, Any], chosen: list[Variant] | None = None) 
     references = [_attention_run(attention_case, inputs, how) for how in ("sdpa", "plain")]
     dtype = DTYPES[attention_case["dtype"]]
     for v in chosen or variants():
-        if not _attention_supported(attention_case, inputs, v):
+        if not _attention_supported(attention_case, inputs, v, "block_mask"):
             continue
         CASES[f"block_mask|{v.name}"] += 1
         try:
@@ -732,7 +743,9 @@ def check_ws_linear(case: dict[str, Any], chosen: list[Variant] | None = None) -
     oracle = run_one("oracle")
     references = [run_one(how) for how in ("linear", "transposed")]
     for v in chosen or variants():
-        if backends.get(v.backend).ws_linear_unsupported(fx(x)) is not None:
+        with v.active():
+            unsupported = backends.get(v.backend).ws_linear_unsupported(fx(x))
+        if unsupported is not None:
             continue
         if not _use_slow("ws_linear", v, max(n, 1) * out_f * in_f):
             continue

@@ -28,7 +28,9 @@ tensors prefers Triton; ``backend="cuda"`` selects them explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -266,6 +268,26 @@ def emulated() -> CudaBackend:
         _register_fakes("mmattn_emu")
         _EMULATED = CudaBackend("mmattn_emu", "cpu", "CPU")
     return _EMULATED
+
+
+_FUNCTIONS = ("attention_unsupported", "attention_forward", "attention_backward",
+              "ws_linear_unsupported", "ws_linear_forward", "ws_linear_backward")
+
+
+@contextlib.contextmanager
+def emulation() -> Iterator[CudaBackend]:
+    """Test hook: inside the block, this backend's functions are those of
+    :func:`emulated`, so ``backend="cuda"`` runs the public API (``cross_attention``,
+    ``ws_linear``, the modules) on CPU tensors through the SIMT emulator. Process-wide;
+    for tests only."""
+    emu = emulated()
+    module = globals()
+    saved = {name: module[name] for name in _FUNCTIONS}
+    module.update({name: getattr(emu, name) for name in _FUNCTIONS})
+    try:
+        yield emu
+    finally:
+        module.update(saved)
 
 
 if _REAL._has("cuda_attention_fwd"):
