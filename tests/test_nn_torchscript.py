@@ -166,7 +166,7 @@ def test_scripted_cross_modal_attention_and_ws_modules() -> None:
         _exact(s_out, out)
         _exact(s_weights, weights)
     out, weights = scripted(q, k, v, None, False)
-    _exact(out, cross(q, k, v)[0])
+    _exact(out, cross(q, k, v, None, False)[0])
     assert weights.numel() == 0  # TorchScript's static types: empty, not None (see forward)
 
     linear = WSLinear(16, 12, 4, 0.3, seed=1)
