@@ -9,7 +9,6 @@ import sys
 import torch
 
 from mmattn import _extension, dispatch
-from mmattn.backends import cuda as cuda_backend
 from mmattn.backends import triton as triton_backend
 
 
@@ -73,9 +72,6 @@ def report() -> str:
         archs = ", ".join(build.get("cuda_archs", [])) or "none"
         ptx = ", ".join(build.get("ptx_archs", [])) or "none"
         state = "usable" if dispatch.CUDA_AVAILABLE else "not runnable here: no CUDA GPU visible"
-        if not cuda_backend.VERIFIED_ON_HARDWARE:
-            state += ("; not yet verified on a GPU, so automatic choice prefers Triton "
-                      "(backend='cuda' selects them)")
         lines.append(
             f"  cuda       compiled with CUDA {build.get('cuda_version')} for SASS [{archs}] "
             f"PTX [{ptx}]; {state}; CUDA kernels: {', '.join(cuda_ops) or 'none'}"
