@@ -48,6 +48,7 @@ allowed (:func:`dot_precision`).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -107,6 +108,24 @@ def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride
                      & (pidx >= 0), other=0)
         s = tl.where((pm != 0) | (pidx < 0), s, float("-inf"))
     return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _dot_split(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` for a float32 tile ``a`` and a ``b`` of the input dtype.
+
+    Half inputs: ``a`` enters the tensor cores as two half tiles, its rounding and the
+    rounding's remainder, so it keeps ~22 bits instead of 11 (16 instead of 8 for
+    bfloat16), for one more dot. Used where the reference (float32 math) is much more
+    accurate than half operands allow: dS in dQ and dK, sums whose terms cancel (each
+    row of dS sums to zero), where dS rounded to half gave several times the
+    reference's error; P in the forward's P V when the backward needs O (delta)."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    hi = a.to(b.dtype)
+    lo = (a - hi.to(tl.float32)).to(b.dtype)
+    acc = tl.dot(lo, b, acc, input_precision=PRECISION)
+    return tl.dot(hi, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -305,7 +324,7 @@ def _q_walk_step(it, ends, counts, starts, QIdx, PartIdx, b, hk, G, kb, Lq, BQ, 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_fwd_kernel(
-    Q, K, V, Out, OutF32, Lse, Weights, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
+    Q, K, V, Out, OutF32, Lse, LseLo, Weights, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -316,13 +335,21 @@ def _attn_fwd_kernel(
     scale, dropout_p, drop_scale, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, KEEP_F32: tl.constexpr,
-    WEIGHTS_PASS: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTS_PASS: tl.constexpr, SAVE_LSE_LO: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Forward (``WEIGHTS_PASS`` False): out, lse (and out in float32). Weights pass:
-    the normalised post-dropout probabilities ``exp(s - lse) * keep / (1 - p)`` of the
-    visited tiles, from the saved lse (the rest of ``Weights`` is zero already)."""
+    """Forward (``WEIGHTS_PASS`` False): out, lse (and out in float32; with
+    ``SAVE_LSE_LO`` also ``LseLo``, the rounding error of the float32 lse). Weights pass:
+    the normalised post-dropout probabilities ``exp((s - lse) - lse_lo) * keep / (1 - p)``
+    of the visited tiles, from the saved lse and lse_lo (the rest of ``Weights`` is zero
+    already).
+
+    Why lse_lo: at scores of ~1000 one float32 ulp of lse is 6e-5, and ``exp(s - lse)``
+    would carry that whole rounding error into every probability of the row (the
+    reference's softmax is exact to ~1e-7). ``s - lse`` is exact for the scores near the
+    maximum (Sterbenz), so subtracting the small ``lse_lo`` afterwards restores the
+    normalisation to float32 accuracy."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -348,6 +375,7 @@ def _attn_fwd_kernel(
 
     if WEIGHTS_PASS:
         lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
+        lse_lo = tl.load(LseLo + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         w_base = Weights + bh.to(tl.int64) * Lq * Lk + tl.cast(row_lo, tl.int64) * Lk
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -372,7 +400,7 @@ def _attn_fwd_kernel(
                     PartMasks, pidx, stride_p0, stride_p1, stride_p2, row_in_blk, col_in_blk,
                     PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS, PRECISION)
         if WEIGHTS_PASS:
-            p = tl.exp(s - lse[:, None])
+            p = tl.exp((s - lse[:, None]) - lse_lo[:, None])
             if HAS_DROPOUT:
                 keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
                 p = tl.where(keep, p * drop_scale, 0.0)
@@ -392,15 +420,31 @@ def _attn_fwd_kernel(
             v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
                         + offs_dv[None, :] * stride_vd,
                         mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if KEEP_F32:
+                # training: the backward's delta = rowsum(dO * O) needs O to float32
+                # accuracy (P rounded to half put errors of 2**-12 |V| into delta, and
+                # dQ errors of several times the reference's)
+                acc = _dot_split(p, v, acc * alpha[:, None], PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
     if not WEIGHTS_PASS:
         has_key = l_i > 0.0
         l_safe = tl.where(has_key, l_i, 1.0)
         out = acc / l_safe[:, None]
-        lse_row = tl.where(has_key, m_i + tl.log(l_safe), float("inf"))
-        tl.store(Lse + bh.to(tl.int64) * Lq + rows, lse_row, mask=row_ok)
+        m_fin = tl.where(has_key, m_i, 0.0)
+        log_l = tl.log(l_safe)
+        lse_row = m_fin + log_l
+        tl.store(Lse + bh.to(tl.int64) * Lq + rows, tl.where(has_key, lse_row, float("inf")),
+                 mask=row_ok)
+        if SAVE_LSE_LO:
+            # TwoSum: lse_row + lse_lo == m + log(l) exactly (additions only, which the
+            # compiler does not reassociate)
+            part = lse_row - m_fin
+            lse_lo = (m_fin - (lse_row - part)) + (log_l - part)
+            tl.store(LseLo + bh.to(tl.int64) * Lq + rows, tl.where(has_key, lse_lo, 0.0),
+                     mask=row_ok)
         o_offs = (bh.to(tl.int64) * Lq + rows.to(tl.int64))[:, None] * Dv + offs_dv[None, :]
         o_mask = row_ok[:, None] & (offs_dv < Dv)[None, :]
         tl.store(Out + o_offs, out.to(Out.dtype.element_ty), mask=o_mask)
@@ -444,7 +488,7 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, QNum, QIdx, PartIdx, PartMasks,
+    Q, K, V, DO, Lse, Lam, Delta, DK, DV, Mask, Kpm, QNum, QIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -462,8 +506,10 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV of one kv tile of one (batch, kv head), summed over the GQA group's heads.
 
     ``dV = sum (P*Z)^T dO``, ``dK = scale * sum dS^T Q`` with ``dS = P * (dP*Z - delta)``,
-    ``dP = dO V^T``; P recomputed from the saved lse. One loop visits the query tiles of
-    every head of the group (``_q_walk_*``), so the sums stay in registers.
+    ``dP = dO V^T``; P recomputed from the saved lse and the dQ kernel's correction
+    ``lam`` (see :func:`_attn_bwd_dq_kernel`), which also rewrote ``delta`` of the rows
+    it corrected: this kernel runs after it. One loop visits the query tiles of every
+    head of the group (``_q_walk_*``), so the sums stay in registers.
     """
     tile = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -506,6 +552,7 @@ def _attn_bwd_dkdv_kernel(
                      + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
         lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
+        lam = tl.load(Lam + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         mask_ptr = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
             + tl.cast(row_lo, tl.int64) * stride_ml + tl.cast(col_lo, tl.int64) * stride_mk
@@ -513,7 +560,7 @@ def _attn_bwd_dkdv_kernel(
                     kpm_ptr, stride_kpl, PartMasks, pidx, stride_p0, stride_p1, stride_p2,
                     row_in_blk, col_in_blk, PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS,
                     PRECISION)
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp((s - lse[:, None]) - lam[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
@@ -523,7 +570,7 @@ def _attn_bwd_dkdv_kernel(
             p_dropped = p
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = _dot_split(tl.trans(ds), q, dk, PRECISION)
 
     dk = dk * scale
     out_row = (bhk.to(tl.int64) * Lk + cols.to(tl.int64))[:, None]
@@ -533,9 +580,10 @@ def _attn_bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_dv < Dv)[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale",
+                             "lse_limit"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
+    Q, K, V, DO, Lse, Lam, Delta, GradLse, DQ, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -544,13 +592,33 @@ def _attn_bwd_dq_kernel(
     stride_kpb, stride_kpl,
     stride_p0, stride_p1, stride_p2,
     Hq, G, Lq, Lk, D, Dv, BQ, BK, PQ, PK, NBQ, NBK, BM, HM,
-    scale, dropout_p, drop_scale, seed_lo, seed_hi,
+    scale, dropout_p, drop_scale, seed_lo, seed_hi, lse_limit,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+    STATS_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``dQ = scale * sum_j dS K`` of one query tile, walking kv tiles as the forward."""
+    """``dQ = scale * sum_j dS K`` of one query tile, walking kv tiles as the forward
+    (``P = exp((s - lse) - lam)``).
+
+    Stats pass (``STATS_PASS``, launched first): the row corrections ``lam`` and
+    ``delta`` that this kernel's dQ pass and the dK/dV kernel read. Peaked rows of large
+    scores (``|lse| >= lse_limit``, which the launcher sets to ``8 + log(Lk)``) need two,
+    from a walk over the row's kv tiles that computes the scores and ``dP`` exactly as
+    the dQ and dK/dV walks do:
+
+    * ``lam = log(sum_j exp(s_j - lse))``: the float32 lse is off by up to half an ulp
+      (3e-5 at scores of 1000) and ``exp(s - lse)`` would carry that into every P of
+      the row; ``P = exp((s - lse) - lam)`` sums to 1 over the recomputed scores
+      (``s - lse`` is exact near the row maximum, so the small lam is not lost).
+    * ``delta = sum_j P_j Z_j dP_j - grad_lse`` from those same dP values instead of
+      the preprocess's ``rowsum(dO * O)``: in a peaked row ``dS = P (dP Z - delta)`` is a
+      small difference of large terms whose rounding cancels only when delta is made of
+      the dP it is subtracted from (as the reference's softmax backward does).
+
+    Other rows get ``lam = 0`` and keep the preprocess's delta: there half an ulp of
+    lse stays below the reference's own error. Tiles without a peaked row skip the walk.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -561,62 +629,91 @@ def _attn_bwd_dq_kernel(
         return
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-        + tl.cast(row_lo, tl.int64) * stride_ml
-    kpm_base = Kpm + b.to(tl.int64) * stride_kpb
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_offs = bh.to(tl.int64) * Lq + rows
+    lse = tl.load(Lse + row_offs, mask=row_ok, other=float("inf"))
+    c = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse)
+    if STATS_PASS:
+        peaked = row_ok & (lse < float("inf")) & (tl.abs(lse) >= lse_limit)
+        n_peaked = tl.sum(peaked.to(tl.int32), 0)
+        lam = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        n_peaked = 1
+        lam = tl.load(Lam + row_offs, mask=row_ok, other=0.0)
+    if n_peaked > 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                     + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+        delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
+            + tl.cast(row_lo, tl.int64) * stride_ml
+        kpm_base = Kpm + b.to(tl.int64) * stride_kpb
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        t = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse) Z_j dP_j
 
-    plane = (b % BM) * HM + (h % HM)
-    n_iter = _kv_walk_len(KvNum, KvIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
-                          BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
-    for it in range(0, n_iter):
-        col_lo, col_hi, col_in_blk, pidx = _kv_walk_step(
-            it, KvIdx, PartIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
-            BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
-        cols = col_lo + offs_n
-        col_ok = cols < col_hi
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kl
-                    + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
-                    + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-        s = _scores(q, k, rows, cols, row_hi, col_hi, scale,
-                    mask_base + tl.cast(col_lo, tl.int64) * stride_mk, stride_ml, stride_mk,
-                    kpm_base + tl.cast(col_lo, tl.int64) * stride_kpl, stride_kpl,
-                    PartMasks, pidx, stride_p0, stride_p1, stride_p2, row_in_blk, col_in_blk,
-                    PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS, PRECISION)
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        plane = (b % BM) * HM + (h % HM)
+        n_iter = _kv_walk_len(KvNum, KvIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
+                              BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
+        for it in range(0, n_iter):
+            col_lo, col_hi, col_in_blk, pidx = _kv_walk_step(
+                it, KvIdx, PartIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
+                BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
+            cols = col_lo + offs_n
+            col_ok = cols < col_hi
+            k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kl
+                        + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
+                        + offs_dv[None, :] * stride_vd,
+                        mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+            s = _scores(q, k, rows, cols, row_hi, col_hi, scale,
+                        mask_base + tl.cast(col_lo, tl.int64) * stride_mk, stride_ml,
+                        stride_mk, kpm_base + tl.cast(col_lo, tl.int64) * stride_kpl,
+                        stride_kpl, PartMasks, pidx, stride_p0, stride_p1, stride_p2,
+                        row_in_blk, col_in_blk, PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL,
+                        HAS_BLOCKS, PRECISION)
+            p = tl.exp((s - lse[:, None]) - lam[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p,
+                                     BLOCK_N)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            if STATS_PASS:
+                c += tl.sum(p, 1)
+                t += tl.sum(p * dp, 1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dq = _dot_split(ds, k, dq, PRECISION)
 
-    dq = dq * scale
-    tl.store(DQ + (bh.to(tl.int64) * Lq + rows.to(tl.int64))[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+        if STATS_PASS:
+            fixed = peaked & (c > 0.0)
+            new_delta = t / tl.where(fixed, c, 1.0)
+            if HAS_GRAD_LSE:
+                new_delta -= tl.load(GradLse + row_offs, mask=row_ok, other=0.0)
+            tl.store(Delta + row_offs, tl.where(fixed, new_delta, delta), mask=row_ok)
+        else:
+            dq = dq * scale
+            tl.store(DQ + row_offs[:, None] * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+    if STATS_PASS:
+        # (outside the branch above: a log inside it made ptxas allocate a stack frame)
+        fixed = peaked & (c > 0.0)
+        lam = tl.where(fixed, tl.log(tl.where(fixed, c, 1.0)), 0.0)
+        tl.store(Lam + row_offs, lam, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
 # configurations
 # ---------------------------------------------------------------------------------------
 
-KERNEL_NAMES = ("fwd", "weights", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+KERNEL_NAMES = ("fwd", "weights", "bwd_preprocess", "bwd_stats", "bwd_dkdv", "bwd_dq")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, call class, arch and padded head
 # dim (the larger of D and Dv, bucketed to 64 / 128 / 256). BLOCK_N is the kv tile; for
@@ -751,6 +848,8 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, block_dv: i
         return [(m, 0, w, 1, 0) for m, w in _PREPROCESS]
     bucket = head_bucket(max(block_d, block_dv))
     kind = "heavy" if heavy else "light"
+    if kernel == "bwd_stats":  # the dQ kernel's walk without its accumulator
+        kernel = "bwd_dq"
     if dtype == torch.float32:
         tiles = _FP32[kernel][kind][bucket]
     else:
@@ -815,6 +914,7 @@ _JIT = {
     "fwd": _attn_fwd_kernel,
     "weights": _attn_fwd_kernel,
     "bwd_preprocess": _attn_bwd_preprocess_kernel,
+    "bwd_stats": _attn_bwd_dq_kernel,
     "bwd_dkdv": _attn_bwd_dkdv_kernel,
     "bwd_dq": _attn_bwd_dq_kernel,
 }
@@ -974,17 +1074,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                else q.new_empty(0))
     if b * hq * lq == 0:
         return out, lse, weights, out_fp32
-    args = (q, k, v, out, out_fp32 if keep else out, lse, weights if return_weights else out,
-            pr.mask, pr.kpm, pr.kv_num, pr.kv_idx, pr.part_idx, pr.part_masks,
+    # lse's rounding error, for the weights pass only (see _attn_fwd_kernel)
+    lse_lo = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device) if return_weights \
+        else lse
+    args = (q, k, v, out, out_fp32 if keep else out, lse, lse_lo,
+            weights if return_weights else out, pr.mask, pr.kpm, pr.kv_num, pr.kv_idx,
+            pr.part_idx, pr.part_masks,
             *q.stride(), *k.stride(), *v.stride(), *pr.mask_args())
 
     def grid(meta):
         return (pr.query_tiles(meta["BLOCK_M"]), b * hq)
 
     _launcher("fwd")[grid](*args, **pr.flags(), KEEP_F32=keep, WEIGHTS_PASS=False,
-                           **_interpret_meta("fwd", pr.bq, pr.bk))
+                           SAVE_LSE_LO=return_weights, **_interpret_meta("fwd", pr.bq, pr.bk))
     if return_weights and lk:
         _launcher("weights")[grid](*args, **pr.flags(), KEEP_F32=False, WEIGHTS_PASS=True,
+                                   SAVE_LSE_LO=False,
                                    **_interpret_meta("weights", pr.bq, pr.bk))
     return out, lse, weights, out_fp32
 
@@ -1021,12 +1126,27 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HAS_GRAD_LSE=has_grad_lse, BLOCK_DV=pr.block_dv, **pre_meta)
 
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *pr.mask_args())
+    # The stats pass writes every row's lam and corrects delta of the rows with large
+    # |lse| (see _attn_bwd_dq_kernel); dQ and dK/dV read both.
+    lam = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    dq_args = (q, k, v, grad_out, lse, lam, delta, glse, dq, pr.mask, pr.kpm, pr.kv_num,
+               pr.kv_idx, pr.part_idx, pr.part_masks, *common, lse_limit(lk))
+    for kernel in ("bwd_stats", "bwd_dq"):
+        _launcher(kernel)[lambda meta: (pr.query_tiles(meta["BLOCK_M"]), b * hq)](
+            *dq_args, **pr.flags(), HAS_GRAD_LSE=has_grad_lse,
+            STATS_PASS=kernel == "bwd_stats", **_interpret_meta(kernel, pr.bq, pr.bk))
     _launcher("bwd_dkdv")[lambda meta: (pr.key_tiles(meta["BLOCK_N"]), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, pr.mask, pr.kpm, pr.q_num, pr.q_idx,
+        q, k, v, grad_out, lse, lam, delta, dk, dv, pr.mask, pr.kpm, pr.q_num, pr.q_idx,
         pr.part_idx, pr.part_masks, *common, **pr.flags(),
         G_P2=triton.next_power_of_2(pr.group), **_interpret_meta("bwd_dkdv", pr.bq, pr.bk))
-    _launcher("bwd_dq")[lambda meta: (pr.query_tiles(meta["BLOCK_M"]), b * hq)](
-        q, k, v, grad_out, lse, delta, dq, pr.mask, pr.kpm, pr.kv_num, pr.kv_idx,
-        pr.part_idx, pr.part_masks, *common, **pr.flags(),
-        **_interpret_meta("bwd_dq", pr.bq, pr.bk))
     return dq, dk, dv
+
+
+# Rows whose |lse| reaches this get the backward's corrections (see _attn_bwd_dq_kernel):
+# below it half an ulp of lse (<= 2**-24 * |lse|) stays under the reference's own error.
+LSE_EXACT = 8.0
+
+
+def lse_limit(lk: int) -> float:
+    """The |lse| from which the backward corrects a row (``LSE_EXACT + log(Lk)``)."""
+    return LSE_EXACT + math.log(max(int(lk), 1))
