@@ -48,7 +48,6 @@ allowed (:func:`dot_precision`).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -65,6 +64,38 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def _halves(x):
+    """``(x[:, :n/2], x[:, n/2:])`` of a (m, n) tile."""
+    x = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
+    return tl.split(x)
+
+
+@triton.jit
+def _qk(q, k, PRECISION: tl.constexpr):
+    """``q @ k^T`` (float32 accumulation).
+
+    float32 IEEE dots over head dims above 128 sum four chunks of the head dim
+    separately and add the partial sums pairwise. One sequential sum of 256 products (an
+    FMA chain) has ~1.3x the error of a CPU GEMM's blocked sum, and a near tie of two
+    scores turns score error into output error: that failed DESIGN's rule in 2-3 of 10
+    random cases at D = 256, amplitudes 3-30 (with the chunks, about as often as the CPU
+    backend: when the reference's own errors happen to cancel)."""
+    if q.dtype == tl.float32 and PRECISION == "ieee" and q.shape[1] > 128:
+        q0, q1 = _halves(q)
+        k0, k1 = _halves(k)
+        q00, q01 = _halves(q0)
+        q10, q11 = _halves(q1)
+        k00, k01 = _halves(k0)
+        k10, k11 = _halves(k1)
+        s0 = tl.dot(q00, tl.trans(k00), input_precision=PRECISION) \
+            + tl.dot(q01, tl.trans(k01), input_precision=PRECISION)
+        s1 = tl.dot(q10, tl.trans(k10), input_precision=PRECISION) \
+            + tl.dot(q11, tl.trans(k11), input_precision=PRECISION)
+        return s0 + s1
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION)
+
+
+@triton.jit
 def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride_mk,
             kpm_ptr, stride_kpl, part_ptr, pidx, stride_p0, stride_p1, stride_p2,
             blk_r0, blk_c0, PQ, PK,
@@ -78,7 +109,7 @@ def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride
     Each mask is applied to ``s`` as soon as it is read, so no boolean tile stays live
     (registers are what limits the tile sizes).
     """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = _qk(q, k, PRECISION) * scale
     row_ok = rows < row_hi
     col_ok = cols < col_hi
     local_r = tl.arange(0, q.shape[0])
@@ -580,8 +611,7 @@ def _attn_bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_dv < Dv)[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale",
-                             "lse_limit"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Lam, Delta, GradLse, DQ, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -592,7 +622,7 @@ def _attn_bwd_dq_kernel(
     stride_kpb, stride_kpl,
     stride_p0, stride_p1, stride_p2,
     Hq, G, Lq, Lk, D, Dv, BQ, BK, PQ, PK, NBQ, NBK, BM, HM,
-    scale, dropout_p, drop_scale, seed_lo, seed_hi, lse_limit,
+    scale, dropout_p, drop_scale, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
     STATS_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -601,11 +631,9 @@ def _attn_bwd_dq_kernel(
     """``dQ = scale * sum_j dS K`` of one query tile, walking kv tiles as the forward
     (``P = exp((s - lse) - lam)``).
 
-    Stats pass (``STATS_PASS``, launched first): the row corrections ``lam`` and
-    ``delta`` that this kernel's dQ pass and the dK/dV kernel read. Peaked rows of large
-    scores (``|lse| >= lse_limit``, which the launcher sets to ``8 + log(Lk)``) need two,
-    from a walk over the row's kv tiles that computes the scores and ``dP`` exactly as
-    the dQ and dK/dV walks do:
+    Stats pass (``STATS_PASS``, launched first): two row corrections that this kernel's
+    dQ pass and the dK/dV kernel read, from a walk over the row's kv tiles that computes
+    the scores and ``dP`` exactly as the dQ and dK/dV walks do:
 
     * ``lam = log(sum_j exp(s_j - lse))``: the float32 lse is off by up to half an ulp
       (3e-5 at scores of 1000) and ``exp(s - lse)`` would carry that into every P of
@@ -614,10 +642,13 @@ def _attn_bwd_dq_kernel(
     * ``delta = sum_j P_j Z_j dP_j - grad_lse`` from those same dP values instead of
       the preprocess's ``rowsum(dO * O)``: in a peaked row ``dS = P (dP Z - delta)`` is a
       small difference of large terms whose rounding cancels only when delta is made of
-      the dP it is subtracted from (as the reference's softmax backward does).
+      the dP it is subtracted from (as the reference's softmax backward does; a row
+      with one visible key then gets dS = 0 exactly).
 
-    Other rows get ``lam = 0`` and keep the preprocess's delta: there half an ulp of
-    lse stays below the reference's own error. Tiles without a peaked row skip the walk.
+    Every row gets both: a peaked row (the second need) may have a small |lse| (scores
+    near 0 over very negative ones, a causal row with few keys), which no test on lse
+    finds before the walk. Rows with no visible key keep ``lam = 0`` (the launcher's
+    zeros) and their delta.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -633,13 +664,12 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(Lse + row_offs, mask=row_ok, other=float("inf"))
     c = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse)
     if STATS_PASS:
-        peaked = row_ok & (lse < float("inf")) & (tl.abs(lse) >= lse_limit)
-        n_peaked = tl.sum(peaked.to(tl.int32), 0)
+        n_visible = tl.sum((row_ok & (lse < float("inf"))).to(tl.int32), 0)
         lam = tl.zeros([BLOCK_M], tl.float32)
     else:
-        n_peaked = 1
+        n_visible = 1
         lam = tl.load(Lam + row_offs, mask=row_ok, other=0.0)
-    if n_peaked > 0:
+    if n_visible > 0:  # (stats pass: tiles whose rows see no key have nothing to correct)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_n = tl.arange(0, BLOCK_N)
@@ -693,20 +723,20 @@ def _attn_bwd_dq_kernel(
                 dq = _dot_split(ds, k, dq, PRECISION)
 
         if STATS_PASS:
-            fixed = peaked & (c > 0.0)
-            new_delta = t / tl.where(fixed, c, 1.0)
+            # c > 0 exactly for the rows in range with a visible key (the others have
+            # lse = +inf, so p = 0); only those are written: lam starts at zeros, and
+            # no row mask stays live across the loop (ptxas spilled it to the stack)
+            fixed = c > 0.0
+            c_safe = tl.where(fixed, c, 1.0)
+            new_delta = t / c_safe
             if HAS_GRAD_LSE:
-                new_delta -= tl.load(GradLse + row_offs, mask=row_ok, other=0.0)
-            tl.store(Delta + row_offs, tl.where(fixed, new_delta, delta), mask=row_ok)
+                new_delta -= tl.load(GradLse + row_offs, mask=fixed, other=0.0)
+            tl.store(Delta + row_offs, new_delta, mask=fixed)
+            tl.store(Lam + row_offs, tl.log(c_safe), mask=fixed)
         else:
             dq = dq * scale
             tl.store(DQ + row_offs[:, None] * D + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
-    if STATS_PASS:
-        # (outside the branch above: a log inside it made ptxas allocate a stack frame)
-        fixed = peaked & (c > 0.0)
-        lam = tl.where(fixed, tl.log(tl.where(fixed, c, 1.0)), 0.0)
-        tl.store(Lam + row_offs, lam, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1126,11 +1156,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HAS_GRAD_LSE=has_grad_lse, BLOCK_DV=pr.block_dv, **pre_meta)
 
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *pr.mask_args())
-    # The stats pass writes every row's lam and corrects delta of the rows with large
-    # |lse| (see _attn_bwd_dq_kernel); dQ and dK/dV read both.
-    lam = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    # The stats pass writes lam and recomputes delta of every row with a visible key (see
+    # _attn_bwd_dq_kernel); dQ and dK/dV read both.
+    lam = torch.zeros(b, hq, lq, dtype=torch.float32, device=q.device)
     dq_args = (q, k, v, grad_out, lse, lam, delta, glse, dq, pr.mask, pr.kpm, pr.kv_num,
-               pr.kv_idx, pr.part_idx, pr.part_masks, *common, lse_limit(lk))
+               pr.kv_idx, pr.part_idx, pr.part_masks, *common)
     for kernel in ("bwd_stats", "bwd_dq"):
         _launcher(kernel)[lambda meta: (pr.query_tiles(meta["BLOCK_M"]), b * hq)](
             *dq_args, **pr.flags(), HAS_GRAD_LSE=has_grad_lse,
@@ -1140,13 +1170,3 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         pr.part_idx, pr.part_masks, *common, **pr.flags(),
         G_P2=triton.next_power_of_2(pr.group), **_interpret_meta("bwd_dkdv", pr.bq, pr.bk))
     return dq, dk, dv
-
-
-# Rows whose |lse| reaches this get the backward's corrections (see _attn_bwd_dq_kernel):
-# below it half an ulp of lse (<= 2**-24 * |lse|) stays under the reference's own error.
-LSE_EXACT = 8.0
-
-
-def lse_limit(lk: int) -> float:
-    """The |lse| from which the backward corrects a row (``LSE_EXACT + log(Lk)``)."""
-    return LSE_EXACT + math.log(max(int(lk), 1))

@@ -159,7 +159,7 @@ _I32_PTRS = {"KvNum", "KvIdx", "QNum", "QIdx", "PartIdx", "Ptr", "Idx", "Perm", 
 _U8_PTRS = {"Kpm", "PartMasks"}
 _DATA_PTRS = {"Q", "K", "V", "Out", "Weights", "DO", "DQ", "DK", "DV", "X", "Vals", "Bias",
               "Y", "GY", "DVals"}
-_FLOATS = {"scale", "dropout_p", "drop_scale", "lse_limit"}
+_FLOATS = {"scale", "dropout_p", "drop_scale"}
 _I64 = {"seed_lo", "seed_hi"}
 
 
