@@ -141,10 +141,9 @@ def _dot_split(a, b, acc, PRECISION: tl.constexpr):
 
     Half inputs: ``a`` enters the tensor cores as two half tiles, its rounding and the
     rounding's remainder, so it keeps ~22 bits instead of 11 (16 instead of 8 for
-    bfloat16), for one more dot. Used where the reference (float32 math) is much more
-    accurate than half operands allow: dS in dQ and dK, sums whose terms cancel (each
-    row of dS sums to zero), where dS rounded to half gave several times the
-    reference's error; P in the forward's P V when the backward needs O (delta)."""
+    bfloat16), for one more dot. Used for dS in dQ and dK: sums whose terms cancel
+    (each row of dS sums to zero), where dS rounded to half gave several times the
+    float32 reference's error."""
     if b.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PRECISION)
     hi = a.to(b.dtype)
@@ -445,13 +444,7 @@ def _attn_fwd_kernel(
             v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
                         + offs_dv[None, :] * stride_vd,
                         mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-            if KEEP_F32:
-                # training: the backward's delta = rowsum(dO * O) needs O to float32
-                # accuracy (P rounded to half put errors of 2**-12 |V| into delta, and
-                # dQ errors of several times the reference's)
-                acc = _dot_split(p, v, acc * alpha[:, None], PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
     if not WEIGHTS_PASS:
@@ -776,7 +769,7 @@ _HALF = {
     },
     "bwd_dkdv": {
         "light": {80: {64: [(32, 64, 4, 2)],
-                       128: [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+                       128: [(32, 64, 8, 2), (16, 64, 4, 2)],
                        256: [(32, 32, 4, 1), (16, 32, 4, 1)]},
                   90: {64: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
                        128: [(32, 64, 8, 2), (16, 64, 4, 2)],
@@ -789,7 +782,7 @@ _HALF = {
     },
     "bwd_dq": {
         "light": {80: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
-                       128: [(64, 64, 4, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
+                       128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
                   90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
                        128: [(128, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 1)]}},
         "heavy": {80: {64: [(32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -798,12 +791,25 @@ _HALF = {
                        128: [(64, 32, 8, 2), (32, 32, 4, 2)],
                        256: [(16, 32, 4, 1)]}},
     },
+    # the dQ kernel's stats pass (no accumulator, yet at BLOCK_M 32 and head dims of 256
+    # it spilled where the dQ pass did not)
+    "bwd_stats": {
+        "light": {80: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+                       128: [(64, 64, 4, 2), (64, 32, 4, 2)], 256: [(16, 32, 4, 1)]},
+                  90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+                       128: [(128, 64, 8, 2), (64, 32, 4, 2)], 256: [(16, 32, 4, 1)]}},
+        "heavy": {80: {64: [(32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+                       256: [(16, 32, 4, 1)]},
+                  90: {64: [(128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+                       128: [(64, 32, 8, 2), (32, 32, 8, 2)],
+                       256: [(16, 32, 4, 1)]}},
+    },
 }
 # float32: FMA dots (input_precision="ieee") unless TF32 is allowed: small tiles, and
 # 8 warps where the operands' K slices would not fit 4 warps' registers.
 _FP32 = {
     "fwd": {"light": {64: [(32, 32, 4, 2), (64, 16, 4, 2)], 128: [(32, 16, 4, 1)],
-                      256: [(16, 16, 8, 1)]},
+                      256: [(16, 16, 4, 1)]},
             "heavy": {64: [(32, 32, 4, 2), (64, 16, 4, 2)],
                       128: [(16, 32, 8, 1), (32, 16, 8, 1)], 256: [(16, 16, 8, 1)]}},
     "weights": {"light": {64: [(32, 32, 4, 2)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
@@ -815,6 +821,10 @@ _FP32 = {
                          128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
                "heavy": {64: [(32, 16, 4, 2)],
                          128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
+    "bwd_stats": {"light": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                            128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
+                  "heavy": {64: [(32, 16, 4, 2)],
+                            128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
 }
 _PREPROCESS = [(64, 4), (128, 8)]  # (BLOCK_M, num_warps)
 # One config under TRITON_INTERPRET=1 (no autotuning there). The interpreter runs each
@@ -837,7 +847,7 @@ def _pow2(n: int) -> int:
 # for 128 threads) and spilled a few bytes to get there: maxnreg = 255 lifts that aim.
 # (Set on every heavy tile, maxnreg made other tiles spill: ptxas then unrolls more.)
 _CUT_TILE = {"fwd": (4, 1, 0), "weights": (4, 1, 0), "bwd_dkdv": (4, 1, 255),
-             "bwd_dq": (8, 1, 255)}
+             "bwd_dq": (8, 1, 255), "bwd_stats": (8, 2, 0)}
 
 
 def _fit_to_blocks(kernel: str, tile: tuple[int, int, int, int], bq: int, bk: int,
@@ -872,8 +882,6 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, block_dv: i
         return [(m, 0, w, 1, 0) for m, w in _PREPROCESS]
     bucket = head_bucket(max(block_d, block_dv))
     kind = "heavy" if heavy else "light"
-    if kernel == "bwd_stats":  # the dQ kernel's walk without its accumulator
-        kernel = "bwd_dq"
     if dtype == torch.float32:
         tiles = _FP32[kernel][kind][bucket]
     else:
