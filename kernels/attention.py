@@ -63,6 +63,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # ---------------------------------------------------------------------------------------
 
 
+# float32 IEEE scores: the head dim is summed in chunks of this many dims (see _qk)
+_QK_CHUNK = tl.constexpr(16)
+
+
+@triton.jit
+def _qk(q, k, PRECISION: tl.constexpr):
+    """``q @ k^T`` of a (m, d) and an (n, d) tile, float32 accumulation.
+
+    float32 IEEE dots over head dims above 64 (FMA chains on a GPU, a sequential BLAS
+    loop under the interpreter) sum the head dim in chunks of 16 (one batched dot) and
+    add the chunk sums by a tree reduction. One sequential sum of 128-256 products has
+    1.3-2x the error of a CPU GEMM's (the reference), and a near tie of two scores turns
+    score error into output and gradient error: at amplitudes 3-30 that failed DESIGN's
+    rule in 2-3 of 10 random cases at d = 256 (chunked: 0.4-0.6x the sequential error,
+    no failure in 40 such cases). Smaller head dims (and their larger float32 tiles,
+    which the batched dot's registers would not fit), half inputs (tensor cores, exact
+    products) and TF32 keep one dot.
+    """
+    if q.dtype == tl.float32 and PRECISION == "ieee" and q.shape[1] > 64:
+        chunks: tl.constexpr = q.shape[1] // _QK_CHUNK
+        qc = tl.permute(tl.reshape(q, (q.shape[0], chunks, _QK_CHUNK)), (1, 0, 2))
+        kc = tl.permute(tl.reshape(k, (k.shape[0], chunks, _QK_CHUNK)), (1, 2, 0))
+        return tl.sum(tl.dot(qc, kc, input_precision=PRECISION), 0)
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION)
+
+
 @triton.jit
 def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride_mk,
             kpm_ptr, stride_kpl, part_ptr, pidx, stride_p0, stride_p1, stride_p2,
@@ -77,7 +103,7 @@ def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride
     Each mask is applied to ``s`` as soon as it is read, so no boolean tile stays live
     (registers are what limits the tile sizes).
     """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = _qk(q, k, PRECISION) * scale
     row_ok = rows < row_hi
     col_ok = cols < col_hi
     local_r = tl.arange(0, q.shape[0])
@@ -107,6 +133,23 @@ def _scores(q, k, rows, cols, row_hi, col_hi, scale, mask_ptr, stride_ml, stride
                      & (pidx >= 0), other=0)
         s = tl.where((pm != 0) | (pidx < 0), s, float("-inf"))
     return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _dot_split(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` for a float32 tile ``a`` and a ``b`` of the input dtype.
+
+    Half inputs: ``a`` enters the tensor cores as two half tiles, its rounding and the
+    rounding's remainder, so it keeps ~22 bits instead of 11 (16 instead of 8 for
+    bfloat16), for one more dot. Used for dS in dQ and dK: sums whose terms cancel
+    (each row of dS sums to zero), where dS rounded to half gave several times the
+    float32 reference's error."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    hi = a.to(b.dtype)
+    lo = (a - hi.to(tl.float32)).to(b.dtype)
+    acc = tl.dot(lo, b, acc, input_precision=PRECISION)
+    return tl.dot(hi, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -305,7 +348,7 @@ def _q_walk_step(it, ends, counts, starts, QIdx, PartIdx, b, hk, G, kb, Lq, BQ, 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_fwd_kernel(
-    Q, K, V, Out, OutF32, Lse, Weights, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
+    Q, K, V, Out, OutF32, Lse, LseLo, Weights, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -316,13 +359,21 @@ def _attn_fwd_kernel(
     scale, dropout_p, drop_scale, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, KEEP_F32: tl.constexpr,
-    WEIGHTS_PASS: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTS_PASS: tl.constexpr, SAVE_LSE_LO: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Forward (``WEIGHTS_PASS`` False): out, lse (and out in float32). Weights pass:
-    the normalised post-dropout probabilities ``exp(s - lse) * keep / (1 - p)`` of the
-    visited tiles, from the saved lse (the rest of ``Weights`` is zero already)."""
+    """Forward (``WEIGHTS_PASS`` False): out, lse (and out in float32; with
+    ``SAVE_LSE_LO`` also ``LseLo``, the rounding error of the float32 lse). Weights pass:
+    the normalised post-dropout probabilities ``exp((s - lse) - lse_lo) * keep / (1 - p)``
+    of the visited tiles, from the saved lse and lse_lo (the rest of ``Weights`` is zero
+    already).
+
+    Why lse_lo: at scores of ~1000 one float32 ulp of lse is 6e-5, and ``exp(s - lse)``
+    would carry that whole rounding error into every probability of the row (the
+    reference's softmax is exact to ~1e-7). ``s - lse`` is exact for the scores near the
+    maximum (Sterbenz), so subtracting the small ``lse_lo`` afterwards restores the
+    normalisation to float32 accuracy."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -348,6 +399,7 @@ def _attn_fwd_kernel(
 
     if WEIGHTS_PASS:
         lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
+        lse_lo = tl.load(LseLo + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         w_base = Weights + bh.to(tl.int64) * Lq * Lk + tl.cast(row_lo, tl.int64) * Lk
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -372,7 +424,7 @@ def _attn_fwd_kernel(
                     PartMasks, pidx, stride_p0, stride_p1, stride_p2, row_in_blk, col_in_blk,
                     PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS, PRECISION)
         if WEIGHTS_PASS:
-            p = tl.exp(s - lse[:, None])
+            p = tl.exp((s - lse[:, None]) - lse_lo[:, None])
             if HAS_DROPOUT:
                 keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
                 p = tl.where(keep, p * drop_scale, 0.0)
@@ -399,8 +451,18 @@ def _attn_fwd_kernel(
         has_key = l_i > 0.0
         l_safe = tl.where(has_key, l_i, 1.0)
         out = acc / l_safe[:, None]
-        lse_row = tl.where(has_key, m_i + tl.log(l_safe), float("inf"))
-        tl.store(Lse + bh.to(tl.int64) * Lq + rows, lse_row, mask=row_ok)
+        m_fin = tl.where(has_key, m_i, 0.0)
+        log_l = tl.log(l_safe)
+        lse_row = m_fin + log_l
+        tl.store(Lse + bh.to(tl.int64) * Lq + rows, tl.where(has_key, lse_row, float("inf")),
+                 mask=row_ok)
+        if SAVE_LSE_LO:
+            # TwoSum: lse_row + lse_lo == m + log(l) exactly (additions only, which the
+            # compiler does not reassociate)
+            part = lse_row - m_fin
+            lse_lo = (m_fin - (lse_row - part)) + (log_l - part)
+            tl.store(LseLo + bh.to(tl.int64) * Lq + rows, tl.where(has_key, lse_lo, 0.0),
+                     mask=row_ok)
         o_offs = (bh.to(tl.int64) * Lq + rows.to(tl.int64))[:, None] * Dv + offs_dv[None, :]
         o_mask = row_ok[:, None] & (offs_dv < Dv)[None, :]
         tl.store(Out + o_offs, out.to(Out.dtype.element_ty), mask=o_mask)
@@ -444,7 +506,7 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, QNum, QIdx, PartIdx, PartMasks,
+    Q, K, V, DO, Lse, Lam, Delta, DK, DV, Mask, Kpm, QNum, QIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -462,8 +524,10 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV of one kv tile of one (batch, kv head), summed over the GQA group's heads.
 
     ``dV = sum (P*Z)^T dO``, ``dK = scale * sum dS^T Q`` with ``dS = P * (dP*Z - delta)``,
-    ``dP = dO V^T``; P recomputed from the saved lse. One loop visits the query tiles of
-    every head of the group (``_q_walk_*``), so the sums stay in registers.
+    ``dP = dO V^T``; P recomputed from the saved lse and the dQ kernel's correction
+    ``lam`` (see :func:`_attn_bwd_dq_kernel`), which also rewrote ``delta`` of the rows
+    it corrected: this kernel runs after it. One loop visits the query tiles of every
+    head of the group (``_q_walk_*``), so the sums stay in registers.
     """
     tile = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -506,6 +570,7 @@ def _attn_bwd_dkdv_kernel(
                      + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
         lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
+        lam = tl.load(Lam + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         mask_ptr = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
             + tl.cast(row_lo, tl.int64) * stride_ml + tl.cast(col_lo, tl.int64) * stride_mk
@@ -513,7 +578,7 @@ def _attn_bwd_dkdv_kernel(
                     kpm_ptr, stride_kpl, PartMasks, pidx, stride_p0, stride_p1, stride_p2,
                     row_in_blk, col_in_blk, PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS,
                     PRECISION)
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp((s - lse[:, None]) - lam[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
@@ -523,7 +588,7 @@ def _attn_bwd_dkdv_kernel(
             p_dropped = p
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = _dot_split(tl.trans(ds), q, dk, PRECISION)
 
     dk = dk * scale
     out_row = (bhk.to(tl.int64) * Lk + cols.to(tl.int64))[:, None]
@@ -535,7 +600,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_p", "drop_scale", "scale"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
+    Q, K, V, DO, Lse, Lam, Delta, GradLse, DQ, Mask, Kpm, KvNum, KvIdx, PartIdx, PartMasks,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -546,11 +611,32 @@ def _attn_bwd_dq_kernel(
     Hq, G, Lq, Lk, D, Dv, BQ, BK, PQ, PK, NBQ, NBK, BM, HM,
     scale, dropout_p, drop_scale, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+    STATS_PASS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``dQ = scale * sum_j dS K`` of one query tile, walking kv tiles as the forward."""
+    """``dQ = scale * sum_j dS K`` of one query tile, walking kv tiles as the forward
+    (``P = exp((s - lse) - lam)``).
+
+    Stats pass (``STATS_PASS``, launched first): two row corrections that this kernel's
+    dQ pass and the dK/dV kernel read, from a walk over the row's kv tiles that computes
+    the scores and ``dP`` exactly as the dQ and dK/dV walks do:
+
+    * ``lam = log(sum_j exp(s_j - lse))``: the float32 lse is off by up to half an ulp
+      (3e-5 at scores of 1000) and ``exp(s - lse)`` would carry that into every P of
+      the row; ``P = exp((s - lse) - lam)`` sums to 1 over the recomputed scores
+      (``s - lse`` is exact near the row maximum, so the small lam is not lost).
+    * ``delta = sum_j P_j Z_j dP_j - grad_lse`` from those same dP values instead of
+      the preprocess's ``rowsum(dO * O)``: in a peaked row ``dS = P (dP Z - delta)`` is a
+      small difference of large terms whose rounding cancels only when delta is made of
+      the dP it is subtracted from (as the reference's softmax backward does; a row
+      with one visible key then gets dS = 0 exactly).
+
+    Every row gets both: a peaked row (the second need) may have a small |lse| (scores
+    near 0 over very negative ones, a causal row with few keys), which no test on lse
+    finds before the walk. Rows with no visible key keep ``lam = 0`` (the launcher's
+    zeros) and their delta.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -561,62 +647,90 @@ def _attn_bwd_dq_kernel(
         return
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-        + tl.cast(row_lo, tl.int64) * stride_ml
-    kpm_base = Kpm + b.to(tl.int64) * stride_kpb
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_offs = bh.to(tl.int64) * Lq + rows
+    lse = tl.load(Lse + row_offs, mask=row_ok, other=float("inf"))
+    c = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse)
+    if STATS_PASS:
+        n_visible = tl.sum((row_ok & (lse < float("inf"))).to(tl.int32), 0)
+        lam = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        n_visible = 1
+        lam = tl.load(Lam + row_offs, mask=row_ok, other=0.0)
+    if n_visible > 0:  # (stats pass: tiles whose rows see no key have nothing to correct)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                     + rows.to(tl.int64)[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+        delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
+            + tl.cast(row_lo, tl.int64) * stride_ml
+        kpm_base = Kpm + b.to(tl.int64) * stride_kpb
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        t = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse) Z_j dP_j
 
-    plane = (b % BM) * HM + (h % HM)
-    n_iter = _kv_walk_len(KvNum, KvIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
-                          BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
-    for it in range(0, n_iter):
-        col_lo, col_hi, col_in_blk, pidx = _kv_walk_step(
-            it, KvIdx, PartIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
-            BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
-        cols = col_lo + offs_n
-        col_ok = cols < col_hi
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kl
-                    + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
-                    + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-        s = _scores(q, k, rows, cols, row_hi, col_hi, scale,
-                    mask_base + tl.cast(col_lo, tl.int64) * stride_mk, stride_ml, stride_mk,
-                    kpm_base + tl.cast(col_lo, tl.int64) * stride_kpl, stride_kpl,
-                    PartMasks, pidx, stride_p0, stride_p1, stride_p2, row_in_blk, col_in_blk,
-                    PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_BLOCKS, PRECISION)
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        plane = (b % BM) * HM + (h % HM)
+        n_iter = _kv_walk_len(KvNum, KvIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
+                              BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
+        for it in range(0, n_iter):
+            col_lo, col_hi, col_in_blk, pidx = _kv_walk_step(
+                it, KvIdx, PartIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
+                BLOCK_N, HAS_BLOCKS, IS_CAUSAL)
+            cols = col_lo + offs_n
+            col_ok = cols < col_hi
+            k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kl
+                        + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vl
+                        + offs_dv[None, :] * stride_vd,
+                        mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+            s = _scores(q, k, rows, cols, row_hi, col_hi, scale,
+                        mask_base + tl.cast(col_lo, tl.int64) * stride_mk, stride_ml,
+                        stride_mk, kpm_base + tl.cast(col_lo, tl.int64) * stride_kpl,
+                        stride_kpl, PartMasks, pidx, stride_p0, stride_p1, stride_p2,
+                        row_in_blk, col_in_blk, PQ, PK, MASK_KIND, HAS_KPM, IS_CAUSAL,
+                        HAS_BLOCKS, PRECISION)
+            p = tl.exp((s - lse[:, None]) - lam[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(rows, col_lo, Lk, bh, seed_lo, seed_hi, dropout_p,
+                                     BLOCK_N)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            if STATS_PASS:
+                c += tl.sum(p, 1)
+                t += tl.sum(p * dp, 1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dq = _dot_split(ds, k, dq, PRECISION)
 
-    dq = dq * scale
-    tl.store(DQ + (bh.to(tl.int64) * Lq + rows.to(tl.int64))[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+        if STATS_PASS:
+            # c > 0 exactly for the rows in range with a visible key (the others have
+            # lse = +inf, so p = 0); only those are written: lam starts at zeros, and
+            # no row mask stays live across the loop (ptxas spilled it to the stack)
+            fixed = c > 0.0
+            c_safe = tl.where(fixed, c, 1.0)
+            new_delta = t / c_safe
+            if HAS_GRAD_LSE:
+                new_delta -= tl.load(GradLse + row_offs, mask=fixed, other=0.0)
+            tl.store(Delta + row_offs, new_delta, mask=fixed)
+            tl.store(Lam + row_offs, tl.log(c_safe), mask=fixed)
+        else:
+            dq = dq * scale
+            tl.store(DQ + row_offs[:, None] * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
 
 
 # ---------------------------------------------------------------------------------------
 # configurations
 # ---------------------------------------------------------------------------------------
 
-KERNEL_NAMES = ("fwd", "weights", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+KERNEL_NAMES = ("fwd", "weights", "bwd_preprocess", "bwd_stats", "bwd_dkdv", "bwd_dq")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, call class, arch and padded head
 # dim (the larger of D and Dv, bucketed to 64 / 128 / 256). BLOCK_N is the kv tile; for
@@ -655,7 +769,7 @@ _HALF = {
     },
     "bwd_dkdv": {
         "light": {80: {64: [(32, 64, 4, 2)],
-                       128: [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+                       128: [(32, 64, 8, 2), (16, 64, 4, 2)],
                        256: [(32, 32, 4, 1), (16, 32, 4, 1)]},
                   90: {64: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
                        128: [(32, 64, 8, 2), (16, 64, 4, 2)],
@@ -668,7 +782,7 @@ _HALF = {
     },
     "bwd_dq": {
         "light": {80: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
-                       128: [(64, 64, 4, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
+                       128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
                   90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
                        128: [(128, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 1)]}},
         "heavy": {80: {64: [(32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -677,12 +791,25 @@ _HALF = {
                        128: [(64, 32, 8, 2), (32, 32, 4, 2)],
                        256: [(16, 32, 4, 1)]}},
     },
+    # the dQ kernel's stats pass (no accumulator, yet at BLOCK_M 32 and head dims of 256
+    # it spilled where the dQ pass did not)
+    "bwd_stats": {
+        "light": {80: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+                       128: [(64, 64, 4, 2), (64, 32, 4, 2)], 256: [(16, 32, 4, 1)]},
+                  90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+                       128: [(128, 64, 8, 2), (64, 32, 4, 2)], 256: [(16, 32, 4, 1)]}},
+        "heavy": {80: {64: [(32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+                       256: [(16, 32, 4, 1)]},
+                  90: {64: [(128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+                       128: [(64, 32, 8, 2), (32, 32, 8, 2)],
+                       256: [(16, 32, 4, 1)]}},
+    },
 }
 # float32: FMA dots (input_precision="ieee") unless TF32 is allowed: small tiles, and
 # 8 warps where the operands' K slices would not fit 4 warps' registers.
 _FP32 = {
     "fwd": {"light": {64: [(32, 32, 4, 2), (64, 16, 4, 2)], 128: [(32, 16, 4, 1)],
-                      256: [(16, 16, 8, 1)]},
+                      256: [(16, 16, 4, 1)]},
             "heavy": {64: [(32, 32, 4, 2), (64, 16, 4, 2)],
                       128: [(16, 32, 8, 1), (32, 16, 8, 1)], 256: [(16, 16, 8, 1)]}},
     "weights": {"light": {64: [(32, 32, 4, 2)], 128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
@@ -694,6 +821,10 @@ _FP32 = {
                          128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
                "heavy": {64: [(32, 16, 4, 2)],
                          128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
+    "bwd_stats": {"light": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                            128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
+                  "heavy": {64: [(32, 16, 4, 2)],
+                            128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
 }
 _PREPROCESS = [(64, 4), (128, 8)]  # (BLOCK_M, num_warps)
 # One config under TRITON_INTERPRET=1 (no autotuning there). The interpreter runs each
@@ -716,7 +847,7 @@ def _pow2(n: int) -> int:
 # for 128 threads) and spilled a few bytes to get there: maxnreg = 255 lifts that aim.
 # (Set on every heavy tile, maxnreg made other tiles spill: ptxas then unrolls more.)
 _CUT_TILE = {"fwd": (4, 1, 0), "weights": (4, 1, 0), "bwd_dkdv": (4, 1, 255),
-             "bwd_dq": (8, 1, 255)}
+             "bwd_dq": (8, 1, 255), "bwd_stats": (8, 2, 0)}
 
 
 def _fit_to_blocks(kernel: str, tile: tuple[int, int, int, int], bq: int, bk: int,
@@ -815,6 +946,7 @@ _JIT = {
     "fwd": _attn_fwd_kernel,
     "weights": _attn_fwd_kernel,
     "bwd_preprocess": _attn_bwd_preprocess_kernel,
+    "bwd_stats": _attn_bwd_dq_kernel,
     "bwd_dkdv": _attn_bwd_dkdv_kernel,
     "bwd_dq": _attn_bwd_dq_kernel,
 }
@@ -974,17 +1106,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                else q.new_empty(0))
     if b * hq * lq == 0:
         return out, lse, weights, out_fp32
-    args = (q, k, v, out, out_fp32 if keep else out, lse, weights if return_weights else out,
-            pr.mask, pr.kpm, pr.kv_num, pr.kv_idx, pr.part_idx, pr.part_masks,
+    # lse's rounding error, for the weights pass only (see _attn_fwd_kernel)
+    lse_lo = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device) if return_weights \
+        else lse
+    args = (q, k, v, out, out_fp32 if keep else out, lse, lse_lo,
+            weights if return_weights else out, pr.mask, pr.kpm, pr.kv_num, pr.kv_idx,
+            pr.part_idx, pr.part_masks,
             *q.stride(), *k.stride(), *v.stride(), *pr.mask_args())
 
     def grid(meta):
         return (pr.query_tiles(meta["BLOCK_M"]), b * hq)
 
     _launcher("fwd")[grid](*args, **pr.flags(), KEEP_F32=keep, WEIGHTS_PASS=False,
-                           **_interpret_meta("fwd", pr.bq, pr.bk))
+                           SAVE_LSE_LO=return_weights, **_interpret_meta("fwd", pr.bq, pr.bk))
     if return_weights and lk:
         _launcher("weights")[grid](*args, **pr.flags(), KEEP_F32=False, WEIGHTS_PASS=True,
+                                   SAVE_LSE_LO=False,
                                    **_interpret_meta("weights", pr.bq, pr.bk))
     return out, lse, weights, out_fp32
 
@@ -1021,12 +1158,17 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HAS_GRAD_LSE=has_grad_lse, BLOCK_DV=pr.block_dv, **pre_meta)
 
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *pr.mask_args())
+    # The stats pass writes lam and recomputes delta of every row with a visible key (see
+    # _attn_bwd_dq_kernel); dQ and dK/dV read both.
+    lam = torch.zeros(b, hq, lq, dtype=torch.float32, device=q.device)
+    dq_args = (q, k, v, grad_out, lse, lam, delta, glse, dq, pr.mask, pr.kpm, pr.kv_num,
+               pr.kv_idx, pr.part_idx, pr.part_masks, *common)
+    for kernel in ("bwd_stats", "bwd_dq"):
+        _launcher(kernel)[lambda meta: (pr.query_tiles(meta["BLOCK_M"]), b * hq)](
+            *dq_args, **pr.flags(), HAS_GRAD_LSE=has_grad_lse,
+            STATS_PASS=kernel == "bwd_stats", **_interpret_meta(kernel, pr.bq, pr.bk))
     _launcher("bwd_dkdv")[lambda meta: (pr.key_tiles(meta["BLOCK_N"]), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, pr.mask, pr.kpm, pr.q_num, pr.q_idx,
+        q, k, v, grad_out, lse, lam, delta, dk, dv, pr.mask, pr.kpm, pr.q_num, pr.q_idx,
         pr.part_idx, pr.part_masks, *common, **pr.flags(),
         G_P2=triton.next_power_of_2(pr.group), **_interpret_meta("bwd_dkdv", pr.bq, pr.bk))
-    _launcher("bwd_dq")[lambda meta: (pr.query_tiles(meta["BLOCK_M"]), b * hq)](
-        q, k, v, grad_out, lse, delta, dq, pr.mask, pr.kpm, pr.kv_num, pr.kv_idx,
-        pr.part_idx, pr.part_masks, *common, **pr.flags(),
-        **_interpret_meta("bwd_dq", pr.bq, pr.bk))
     return dq, dk, dv

@@ -154,7 +154,7 @@ def ws_jobs(quick: bool) -> list[Job]:
 
 # ---- signatures ----------------------------------------------------------------------------
 
-_FP32_PTRS = {"OutF32", "Lse", "Delta", "GradLse"}
+_FP32_PTRS = {"OutF32", "Lse", "LseLo", "Lam", "Delta", "GradLse"}
 _I32_PTRS = {"KvNum", "KvIdx", "QNum", "QIdx", "PartIdx", "Ptr", "Idx", "Perm", "Row", "Col"}
 _U8_PTRS = {"Kpm", "PartMasks"}
 _DATA_PTRS = {"Q", "K", "V", "Out", "Weights", "DO", "DQ", "DK", "DV", "X", "Vals", "Bias",
@@ -223,8 +223,12 @@ def _attention_constexprs(job: Job) -> tuple[object, dict]:
     if job.kernel == "bwd_dkdv":
         flags["G_P2"] = 8 if "gqa" in on else 1  # a GQA group of 8 query heads per kv head
     if job.kernel in ("fwd", "weights"):
-        flags.update(KEEP_F32=job.variant == "heavy" and job.dtype != "fp32",
-                     WEIGHTS_PASS=job.kernel == "weights")
+        flags.update(KEEP_F32=job.dtype != "fp32",  # any call with gradients
+                     WEIGHTS_PASS=job.kernel == "weights",
+                     SAVE_LSE_LO=job.kernel == "fwd")  # return_weights: any call
+    if job.kernel in ("bwd_stats", "bwd_dq"):
+        flags.update(HAS_GRAD_LSE=True,  # a gradient of the returned lse: any call
+                     STATS_PASS=job.kernel == "bwd_stats")
     return fn, flags
 
 

@@ -152,6 +152,43 @@ def test_input_amplitudes(amplitude, dtype, device):
     check_against_reference(q, k, v, dtype=dtype, attn_mask=mask, return_weights=True)
 
 
+# Peaked softmax rows of large scores, where the backward recomputes P and dS: each
+# case failed DESIGN's rule before the backward's stats pass (lam, delta from the same
+# dP), the dS hi/lo split for half inputs and the chunked float32 scores at D > 64
+# (error / bound before: d1 80x, few-keys 3.9x, lk1000 51x, d256 3.5x, half-d1 12x).
+PEAKED = [
+    pytest.param((1, 1, 1, 31, 31, 1, 8), 30.0, True, torch.float32, id="d1-causal-x30"),
+    pytest.param((1, 2, 2, 40, 2, 33, 16), 30.0, False, torch.float32, id="few-keys-x30"),
+    pytest.param((1, 1, 1, 5, 1000, 16, 16), 30.0, True, torch.float32, id="lk1000-causal-x30"),
+    pytest.param((1, 2, 1, 9, 17, 256, 256), 6.0, True, torch.float32, id="d256-causal-x6"),
+    pytest.param((1, 4, 2, 31, 47, 32, 24), 30.0, True, torch.float32, id="gqa-causal-x30"),
+    pytest.param((1, 1, 1, 31, 31, 1, 8), 10.0, False, F16, id="half-d1-x10"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("shape", "amplitude", "causal", "dtype"), PEAKED)
+def test_peaked_rows_of_large_scores(shape, amplitude, causal, dtype, device):
+    q, k, v = _qkv(shape, device=device, amplitude=amplitude)
+    check_against_reference(q, k, v, dtype=dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_mask_gradients_at_large_amplitude(device):
+    """Like the fuzz's first failure (bigbird BlockMask, amplitude 10, dk at 4.6x the
+    bound): the lse's float32 rounding reached every recomputed P of a row."""
+    q, k, v = _qkv((2, 1, 1, 31, 31, 8, 8), device=device, amplitude=10.0)
+    _check_block_mask(q, k, v, BlockMask.bigbird(31, (5000, 64), seed=72810), is_causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_at_large_amplitude(device):
+    """Weights of scores ~1000 (amplitude 30): ``exp(s - lse)`` with the float32 lse was
+    off by half an ulp of lse (3e-5); the weights pass uses lse's rounding error."""
+    q, k, v = _qkv((1, 2, 1, 17, 23, 16, 16), device=device, amplitude=30.0)
+    check_against_reference(q, k, v, grads=False, return_weights=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_key_sums_keep_reference_accuracy(device):
     """Nearly uniform attention over 2048 keys with large values: float32 sums of many
