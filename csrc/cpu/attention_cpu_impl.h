@@ -503,24 +503,112 @@ void mask_scores(const Problem& P, int64_t b, int64_t h, const Tile& t, float* s
   }
 }
 
+// Query tiles of at most this many rows take the row path (SIMD builds only): the
+// forward's forward_row, and score_tile's row order below.
+constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
+
+// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
+// one accumulator per key summed over D in blocks of kSumBlock vectors, then
+// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
+inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
+  R total = Vec::zero();
+  const int64_t d_all = d_full + (tail > 0 ? W : 0);
+  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
+    R acc[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
+    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
+    for (int64_t d = d0; d < d_end; d += W) {
+      const R qv = Vec::load(q + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
+    }
+    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
+      const R qv = Vec::load(q + d_full);  // zero-padded
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) {
+        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
+      }
+    }
+    total = Vec::add(Vec::transpose_sum(acc), total);
+  }
+  return total;
+}
+
+// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
+// row zero-padded to whole vectors.
+inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
+                       float* sc) {
+  const R scale = Vec::set1(P.scale);
+  const int64_t d_full = P.D / W * W;
+  const int tail = static_cast<int>(P.D - d_full);
+  for (int64_t jg = 0; jg < t.nk; jg += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
+    const float* rows[W];
+    // A last group of n < W keys repeats its last key in the unused lanes.
+    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
+    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
+  }
+}
+
+// Unmasked scores of a tile of at most kRowPathRows query rows, in the row path's order
+// (row_scores): st[j * lanes + l] = scale * q_{i0 + l} . k_{j0 + j}, 0 in lanes >= nq.
+// Every score of such a tile is computed this way in both passes (forward_row,
+// score_tile), so the backward's P = exp(s - lse) is made of the very scores whose
+// log-sum-exp the forward stored: summed in another order (the GEMM's), a score differs
+// by an ulp of sum_d |q_d k_d| * scale, which can be 1e-5 at logits of 10, and P then
+// has that relative error where the reference's is an ulp (issue 11).
+inline void row_order_scores(const Problem& P, int64_t b, int64_t h, const Tile& t,
+                             const float* k_head, float* q_row, float* st) {
+  const int64_t lanes = lanes_of(t.nq);
+  const int64_t dpad = round_up(P.D, W);
+  alignas(64) float sc[kMaxKeyTile];
+  for (int64_t l = 0; l < lanes; ++l) {
+    if (l >= t.nq) {
+      for (int64_t j = 0; j < t.nk; ++j) st[j * lanes + l] = 0.0f;
+      continue;
+    }
+    const float* q = P.q + b * P.q_sb + h * P.q_sh + (t.i0 + l) * P.q_sl;
+    std::copy(q, q + P.D, q_row);
+    std::fill(q_row + P.D, q_row + dpad, 0.0f);
+    row_scores(P, t, k_head, q_row, sc);
+    for (int64_t j = 0; j < t.nk; ++j) st[j * lanes + l] = sc[j];
+  }
+}
+
 // Score tile st = mask(scale * K[j0 : j0 + nk] . Q^T) for query lanes of t;
-// q_t points at the tile's first lane of a (D, ldq) transposed query block.
+// q_t points at the tile's first lane of a (D, ldq) transposed query block. Tiles of at
+// most kRowPathRows rows are scored in the row path's order (row_order_scores, q_row:
+// round_up(D, W) floats of scratch), all others by the GEMM.
 // With TRACK_MAX, lane_max receives the per-lane max of the tile.
 template <bool TRACK_MAX>
 void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const float* k_head,
-                const float* q_t, int64_t ldq, float* st, float* lane_max) {
+                const float* q_t, int64_t ldq, float* q_row, float* st, float* lane_max) {
   const int64_t lanes = lanes_of(t.nq);
   const float* k_rows = k_head + t.j0 * P.k_sl;
-  if (!tile_needs_mask(P, t)) {
-    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
-    Epilogue epi;
-    epi.scale = P.scale;
-    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
-    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+  const bool masked = tile_needs_mask(P, t);
+  if (t.nq <= kRowPathRows) {
+    row_order_scores(P, b, h, t, k_head, q_row, st);
+    if (masked) {
+      mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
+    } else if constexpr (TRACK_MAX) {
+      const int groups = static_cast<int>(lanes / W);
+      for (int g = 0; g < groups; ++g) {
+        R mx = Vec::set1(kNegInf);
+        for (int64_t j = 0; j < t.nk; ++j) mx = Vec::max(mx, Vec::load(st + j * lanes + g * W));
+        Vec::store(lane_max + g * W, mx);
+      }
+    }
     return;
   }
   Epilogue epi;
   epi.scale = P.scale;
+  if (!masked) {
+    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
+    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
+    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+    return;
+  }
   gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
   mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
 }
@@ -620,7 +708,7 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
   const int groups = static_cast<int>(lanes / W);
   for (const Tile& t : s.tiles) {
     float* st = s.st.get();
-    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, s.row_q.get(), st, s.tile_max);
     bool rescale = false;
     R m_use[kMaxGroups], l[kMaxGroups], lc[kMaxGroups];
     for (int g = 0; g < groups; ++g) {
@@ -685,7 +773,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     s.tile_rows.push_back(rows);
     float* st = s.st.get() + rows * lanes;
     rows += t.nk;
-    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, s.row_q.get(), st, s.tile_max);
     for (int g = 0; g < groups; ++g) {
       Vec::store(s.m + g * W,
                  Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
@@ -777,8 +865,6 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
 // exponentials would run W times over; here every lane holds a key.
 // ---------------------------------------------------------------------------
 
-// Query tiles of at most this many rows take the row path (SIMD builds only).
-constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
 // Output vectors per P . V strip (accumulators and running totals in registers).
 constexpr int kRowNV = W >= 16 ? 8 : 4;
 
@@ -796,50 +882,6 @@ inline float lanes_sum(R x) {
   float sum = v[0];
   for (int l = 1; l < W; ++l) sum += v[l];
   return sum;
-}
-
-// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
-// one accumulator per key summed over D in blocks of kSumBlock vectors, then
-// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
-inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
-  R total = Vec::zero();
-  const int64_t d_all = d_full + (tail > 0 ? W : 0);
-  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
-    R acc[W];
-#pragma GCC unroll 16
-    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
-    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
-    for (int64_t d = d0; d < d_end; d += W) {
-      const R qv = Vec::load(q + d);
-#pragma GCC unroll 16
-      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
-    }
-    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
-      const R qv = Vec::load(q + d_full);  // zero-padded
-#pragma GCC unroll 16
-      for (int r = 0; r < W; ++r) {
-        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
-      }
-    }
-    total = Vec::add(Vec::transpose_sum(acc), total);
-  }
-  return total;
-}
-
-// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
-// row zero-padded to whole vectors.
-inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
-                       float* sc) {
-  const R scale = Vec::set1(P.scale);
-  const int64_t d_full = P.D / W * W;
-  const int tail = static_cast<int>(P.D - d_full);
-  for (int64_t jg = 0; jg < t.nk; jg += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
-    const float* rows[W];
-    // A last group of n < W keys repeats its last key in the unused lanes.
-    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
-    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
-  }
 }
 
 // The element masks of row i on the scores of tile t (scalar: the row path is for few rows).
@@ -1152,7 +1194,7 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
 void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
   const Problem& P = G.p;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
-  Buffer st, dp, vz;
+  Buffer st, dp, vz, q_row;
   alignas(64) float lse[kQueryTile];
   alignas(64) float tile_max[kQueryTile];
   std::vector<Tile> tiles;
@@ -1184,6 +1226,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
       st = make_buffer(key_tile * kQueryTile);
       dp = make_buffer(key_tile * kQueryTile);
       vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
+      q_row = make_buffer(round_up(P.D, W));
     }
     const int64_t hk = h / P.group();
     const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
@@ -1194,7 +1237,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     R c[kMaxGroups], c_err[kMaxGroups], t_sum[kMaxGroups], t_err[kMaxGroups];
     for (int g = 0; g < groups; ++g) c[g] = c_err[g] = t_sum[g] = t_err[g] = Vec::zero();
     for (const Tile& t : tiles) {
-      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, st.get(), tile_max);
+      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, q_row.get(), st.get(), tile_max);
       bool significant = false;
       for (int64_t i = 0; i < nq; ++i) significant = significant || tile_max[i] - lse[i] > -40.0f;
       if (!significant) continue;
@@ -1248,6 +1291,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
 
 struct BackwardScratch {
   Buffer st, pd, dp, z, vz;
+  Buffer row_q;  // score_tile's scratch for tiles of few rows
   Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
   alignas(64) float lam[kQueryTile];
@@ -1324,7 +1368,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // P = exp((scale * S - lse) - lam): 0 for rows with no visible key (lse = +inf).
   float* st = s.st.get();
   const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
-  if (!tile_needs_mask(P, t)) {
+  if (!tile_needs_mask(P, t) && t.nq > kRowPathRows) {
     Epilogue probs;
     probs.scale = P.scale;
     probs.lane = s.lse;
@@ -1332,7 +1376,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
     gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
                                lanes, probs);
   } else {
-    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, st, nullptr);
+    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, s.row_q.get(), st, nullptr);
     for (int64_t j = 0; j < t.nk; ++j) {
       float* row = st + j * lanes;
       for (int g = 0; g < groups; ++g) {
@@ -1392,6 +1436,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
   s.st = make_buffer(key_tile * kQueryTile);
   s.dp = make_buffer(key_tile * kQueryTile);
+  s.row_q = make_buffer(round_up(P.D, W));
   s.part = make_buffer(std::max(key_tile, kQueryTile) * std::max<int64_t>({P.D, P.Dv, 1}));
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
