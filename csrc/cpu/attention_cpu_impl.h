@@ -419,6 +419,36 @@ inline void add_rows(const float* src, int64_t src_ld, int64_t rows, int64_t col
   }
 }
 
+// dst[r * ld + c] += src[r * src_ld + c] for r < rows, c < cols, compensated: the
+// rounding error of each addition is added to err[r * ld + c] (add_compensated), and the
+// caller adds err to dst once the sum is complete. For the running sums over tiles (O
+// over key tiles; dK, dV over query tiles; dQ over key tiles): a block-sparse mask with
+// blocks of a few rows or keys makes thousands of tiles, and a plain float32 running sum
+// over them had 3-5x the error of the reference's matmul (issue 11). Compensated, the
+// sum over tiles costs one rounding whatever their number.
+inline void add_rows_compensated(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                 float* dst, float* err, int64_t ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * src_ld;
+    float* out = dst + r * ld;
+    float* e = err + r * ld;
+    for (int64_t c = 0; c < full; c += W) {
+      R a = Vec::load(out + c), ae = Vec::load(e + c);
+      add_compensated(a, ae, Vec::load(in + c));
+      Vec::store(out + c, a);
+      Vec::store(e + c, ae);
+    }
+    if (tail > 0) {
+      R a = Vec::load_n(out + full, tail), ae = Vec::load_n(e + full, tail);
+      add_compensated(a, ae, Vec::load_n(in + full, tail));
+      Vec::store_n(out + full, a, tail);
+      Vec::store_n(e + full, ae, tail);
+    }
+  }
+}
+
 // Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
 inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
   const int64_t si = mask.si;
@@ -686,6 +716,7 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
 struct ForwardScratch {
   Buffer q_t, st;
   Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
+  Buffer oc;    // rounding errors of o's sum over key tiles (add_rows_compensated)
   Buffer part;  // one key tile's P . V, same layout
   Buffer row_q;  // row path: the query row, zero-padded to whole vectors
   alignas(64) float m[kQueryTile];
@@ -749,8 +780,11 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     // error grows with the tile length, not with Lk.
     gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
                                             P.v_sl, s.part.get(), P.Dv);
-    if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
-    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+    if (rescale) {
+      scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
+      scale_rows(s.oc.get(), P.Dv, t.nq, P.Dv, s.alpha, s.oc.get(), P.Dv);
+    }
+    add_rows_compensated(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), s.oc.get(), P.Dv);
   }
   for (int g = 0; g < groups; ++g) {
     Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), Vec::load(s.lc + g * W)));
@@ -855,7 +889,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     }
     gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
                                             P.v_sl, s.part.get(), P.Dv);
-    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+    add_rows_compensated(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), s.oc.get(), P.Dv);
   }
 }
 
@@ -959,9 +993,10 @@ inline void row_pv(const float* p, int64_t nk, const float* v, int64_t v_sl, int
 
 // Online softmax of query row i of head (b, h) over s.tiles (collect_key_tiles with
 // nq = 1): leaves the row's max score in *m (-inf: no visible key), its sum
-// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats).
+// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats; oc: Dv floats
+// of scratch for the rounding errors of o's sum over tiles).
 void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int64_t i,
-                 float* m_out, float* l_out, float* o) {
+                 float* m_out, float* l_out, float* o, float* oc) {
   const int64_t hk = h / P.group();
   const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
   const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
@@ -973,6 +1008,7 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
   float m = kNegInf, l = 0.0f, lc = 0.0f;
   std::fill(o, o + P.Dv, 0.0f);
+  std::fill(oc, oc + P.Dv, 0.0f);
   float* sc = s.st.get();
   float* part = s.part.get();
   for (const Tile& t : s.tiles) {
@@ -1006,18 +1042,14 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
     lc *= alpha;
     add_compensated(l, lc, lanes_sum(sum));
     row_pv(sc, t.nk, vb + t.j0 * P.v_sl, P.v_sl, P.Dv, part);
-    const R a = Vec::set1(alpha);
-    const int64_t full = P.Dv / W * W;
-    for (int64_t c = 0; c < full; c += W) {
-      Vec::store(o + c, Vec::add(Vec::mul(Vec::load(o + c), a), Vec::load(part + c)));
+    if (alpha != 1.0f) {
+      scale_rows(o, P.Dv, 1, P.Dv, &alpha, o, P.Dv);
+      scale_rows(oc, P.Dv, 1, P.Dv, &alpha, oc, P.Dv);
     }
-    if (full < P.Dv) {
-      const int n = static_cast<int>(P.Dv - full);
-      Vec::store_n(o + full, Vec::add(Vec::mul(Vec::load_n(o + full, n), a),
-                                      Vec::load_n(part + full, n)), n);
-    }
+    add_rows_compensated(part, P.Dv, 1, P.Dv, o, oc, P.Dv);
     m = m_new;
   }
+  add_rows(oc, P.Dv, 1, P.Dv, o, P.Dv);
   *m_out = m;
   *l_out = l + lc;
 }
@@ -1050,6 +1082,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
   s.q_t = make_buffer(P.D * kQueryTile);
   s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.oc = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.row_q = make_buffer(round_up(P.D, W));
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
@@ -1076,8 +1109,8 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     if (nq <= kRowPathRows && F.weights == nullptr) {
       for (int64_t r = 0; r < nq; ++r) {
         collect_key_tiles(P, b, h, qb, i0 + r, 1, key_tile, key_lo, key_hi, s.tiles);
-        float* o = s.o.get() + r * P.Dv;
-        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, o);
+        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, s.o.get() + r * P.Dv,
+                    s.oc.get() + r * P.Dv);
       }
       finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
       continue;
@@ -1093,6 +1126,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     std::fill(s.l, s.l + lanes, 0.0f);
     std::fill(s.lc, s.lc + lanes, 0.0f);
     std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
+    std::fill(s.oc.get(), s.oc.get() + P.Dv * nq, 0.0f);
 
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, key_lo, key_hi, s.tiles);
     if (F.weights) {
@@ -1100,6 +1134,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     } else {
       forward_tile_flash(F, s, b, h, lanes);
     }
+    add_rows(s.oc.get(), P.Dv, nq, P.Dv, s.o.get(), P.Dv);
     finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
   }
 }
@@ -1292,6 +1327,9 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
 struct BackwardScratch {
   Buffer st, pd, dp, z, vz;
   Buffer row_q;  // score_tile's scratch for tiles of few rows
+  // Rounding errors of the key tile's dK and dV sums over query tiles
+  // (add_rows_compensated), (key_tile, D) and (key_tile, Dv).
+  Buffer dk_err, dv_err;
   Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
   alignas(64) float lam[kQueryTile];
@@ -1350,8 +1388,8 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
 // One (query tile) x (key tile) step of the backward. `v_rows` (row stride v_ld) are the
 // tile's key rows of V, or with dropout of drop_scale * V (see backward_worker).
 void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
-                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dk,
-                   float* dv) {
+                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dq_err,
+                   float* dk, float* dv) {
   const Problem& P = G.p;
   const int64_t hk = h / P.group();
   const int64_t bh = b * P.Hq + h;
@@ -1407,7 +1445,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
   float* part = s.part.get();
   gemm<false, false, kNone, kSumBlockLong>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
-  add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
+  add_rows_compensated(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, s.dv_err.get(), P.Dv);
   // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
   // (scale applied once here for both dQ and dK). Its sum over D runs in the order of
   // backward_prepare's delta, so one visible key gives dS = 0 exactly.
@@ -1424,10 +1462,11 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes,
                                            P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
                                            P.q_sl, part, P.D);
-  add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
+  add_rows_compensated(part, P.D, t.nk, P.D, dk + t.j0 * P.D, s.dk_err.get(), P.D);
   gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl,
                                           P.k_sl, part, P.D);
-  add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
+  const int64_t dq_row = (bh * P.Lq + t.i0) * P.D;
+  add_rows_compensated(part, P.D, t.nq, P.D, dq + dq_row, dq_err + dq_row, P.D);
 }
 
 void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
@@ -1437,6 +1476,8 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   s.st = make_buffer(key_tile * kQueryTile);
   s.dp = make_buffer(key_tile * kQueryTile);
   s.row_q = make_buffer(round_up(P.D, W));
+  s.dk_err = make_buffer(key_tile * std::max<int64_t>(P.D, 1));
+  s.dv_err = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
   s.part = make_buffer(std::max(key_tile, kQueryTile) * std::max<int64_t>({P.D, P.Dv, 1}));
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
@@ -1451,6 +1492,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
     const int64_t bhk = item / G.num_chunks;
     const int64_t b = bhk / P.Hkv, hk = bhk % P.Hkv;
     float* dq = G.dq + chunk * P.B * P.Hq * P.Lq * P.D;
+    float* dq_err = G.dq_err + chunk * P.B * P.Hq * P.Lq * P.D;
     float* dk = G.dk + bhk * P.Lk * P.D;
     float* dv = G.dv + bhk * P.Lk * P.Dv;
     const int64_t u_end = std::min(units, (chunk + 1) * per_chunk);
@@ -1471,12 +1513,24 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
           v_rows = s.vz.get();
           v_ld = P.Dv;
         }
+        std::fill(s.dk_err.get(), s.dk_err.get() + nk * P.D, 0.0f);
+        std::fill(s.dv_err.get(), s.dv_err.get() + nk * P.Dv, 0.0f);
         for (int64_t g = 0; g < P.group(); ++g) {
           const int64_t h = hk * P.group() + g;
           collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
-          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dk, dv);
+          for (const Tile& t : s.tiles) {
+            backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dq_err, dk, dv);
+          }
         }
+        // The key tile's dK and dV rows are complete (no other item touches them).
+        add_rows(s.dk_err.get(), P.D, nk, P.D, dk + j0 * P.D, P.D);
+        add_rows(s.dv_err.get(), P.Dv, nk, P.Dv, dv + j0 * P.Dv, P.Dv);
       }
+    }
+    // This item's dQ chunk for the group's heads is complete.
+    for (int64_t g = 0; g < P.group(); ++g) {
+      const int64_t rows = (b * P.Hq + hk * P.group() + g) * P.Lq * P.D;
+      add_rows(dq_err + rows, P.D, P.Lq, P.D, dq + rows, P.D);
     }
   }
 }
