@@ -39,6 +39,15 @@ BASE_VERSION = "0.1.0"
 TORCH_TARGET_VERSION = "0x020a000000000000"
 PY_LIMITED_API = "0x030A0000"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The fused attention kernels spell every fused multiply-add out (Vec::fmadd): the
+# compiler must not contract a product and a sum on its own. A contraction skips the
+# product's rounding in one place and not in another, so the backward's probabilities
+# exp(s - lse) would not be computed from the same rounded scores as lse and its
+# correction (attention_cpu_impl.h, BackwardParams::lam): at logits of 1000 that put
+# errors of 1e-5 into P = 1 (issue 11). ws_linear keeps GCC's default (it relies on it).
+_NO_CONTRACT = ["-ffp-contract=off"]
+PER_SOURCE_FLAGS = {name: _NO_CONTRACT for name in (
+    "attention_cpu_avx512.cpp", "attention_cpu_avx2.cpp", "attention_cpu_generic.cpp")}
 
 
 def _find_nvcc() -> str | None:
@@ -132,6 +141,7 @@ class MMAttnBuildExt(build_ext):
             ext.extra_link_args = [*ext.extra_link_args, *flags]
         ext.library_dirs = [*ext.library_dirs, *library_paths()]
         ext.libraries = [*ext.libraries, "torch", "torch_cpu", "c10"]
+        self._per_source_flags()
 
         info: dict[str, object] = {
             "cuda_compiled": False,
@@ -176,6 +186,16 @@ class MMAttnBuildExt(build_ext):
                         cuda_archs=sass, ptx_archs=ptx)
         self._write_build_info(info)
         super().build_extension(ext)
+
+    def _per_source_flags(self) -> None:
+        """Adds PER_SOURCE_FLAGS to the compile commands of the sources they name."""
+        compile_one = self.compiler._compile  # distutils' per-source step (unix compiler)
+
+        def patched(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            extra = PER_SOURCE_FLAGS.get(Path(src).name, [])
+            compile_one(obj, src, ext, cc_args, [*extra_postargs, *extra], pp_opts)
+
+        self.compiler._compile = patched
 
     def _write_build_info(self, info: dict[str, object]) -> None:
         text = (

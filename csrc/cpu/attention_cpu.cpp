@@ -502,6 +502,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
   G.num_chunks = chunks;
 
   Tensor dq_acc = new_output(qf, Shape{chunks, d.B, d.Hq, d.Lq, d.D}, true);
+  Tensor dq_err = new_output(qf, Shape{chunks, d.B, d.Hq, d.Lq, d.D}, true);
   Tensor dk = new_output(qf, Shape{d.B, d.Hkv, d.Lk, d.D}, true);
   Tensor dv = new_output(qf, Shape{d.B, d.Hkv, d.Lk, d.Dv}, true);
   if (d.B * d.Hq * d.Lq > 0 && d.Lk > 0) {
@@ -522,6 +523,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_bwd_cpu(
     G.delta = delta.mutable_data_ptr<float>();
     G.lam = lam.mutable_data_ptr<float>();
     G.dq = dq_acc.mutable_data_ptr<float>();
+    G.dq_err = dq_err.mutable_data_ptr<float>();
     G.dk = dk.mutable_data_ptr<float>();
     G.dv = dv.mutable_data_ptr<float>();
     const KernelSet& ks = kernels();

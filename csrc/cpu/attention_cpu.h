@@ -223,6 +223,9 @@ struct BackwardParams {
   // Outputs (float32, contiguous): dq accumulates per kv chunk,
   // (num_chunks, B, Hq, Lq, D); dk (B, Hkv, Lk, D); dv (B, Hkv, Lk, Dv); zeroed.
   float* dq = nullptr;
+  // Rounding errors of dq's running sums over key tiles (same layout as dq, zeroed),
+  // added to dq by the item that completes them.
+  float* dq_err = nullptr;
   float* dk = nullptr;
   float* dv = nullptr;
   int64_t num_chunks = 1;

@@ -419,6 +419,36 @@ inline void add_rows(const float* src, int64_t src_ld, int64_t rows, int64_t col
   }
 }
 
+// dst[r * ld + c] += src[r * src_ld + c] for r < rows, c < cols, compensated: the
+// rounding error of each addition is added to err[r * ld + c] (add_compensated), and the
+// caller adds err to dst once the sum is complete. For the running sums over tiles (O
+// over key tiles; dK, dV over query tiles; dQ over key tiles): a block-sparse mask with
+// blocks of a few rows or keys makes thousands of tiles, and a plain float32 running sum
+// over them had 3-5x the error of the reference's matmul (issue 11). Compensated, the
+// sum over tiles costs one rounding whatever their number.
+inline void add_rows_compensated(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                 float* dst, float* err, int64_t ld) {
+  const int64_t full = cols / W * W;
+  const int tail = static_cast<int>(cols - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * src_ld;
+    float* out = dst + r * ld;
+    float* e = err + r * ld;
+    for (int64_t c = 0; c < full; c += W) {
+      R a = Vec::load(out + c), ae = Vec::load(e + c);
+      add_compensated(a, ae, Vec::load(in + c));
+      Vec::store(out + c, a);
+      Vec::store(e + c, ae);
+    }
+    if (tail > 0) {
+      R a = Vec::load_n(out + full, tail), ae = Vec::load_n(e + full, tail);
+      add_compensated(a, ae, Vec::load_n(in + full, tail));
+      Vec::store_n(out + full, a, tail);
+      Vec::store_n(e + full, ae, tail);
+    }
+  }
+}
+
 // Query lanes [i0, i0 + n) of mask element (b, h, ., j) as additive floats.
 inline void gather_mask_lanes(const MaskView& mask, int64_t offset, int64_t n, float* out) {
   const int64_t si = mask.si;
@@ -503,24 +533,112 @@ void mask_scores(const Problem& P, int64_t b, int64_t h, const Tile& t, float* s
   }
 }
 
+// Query tiles of at most this many rows take the row path (SIMD builds only): the
+// forward's forward_row, and score_tile's row order below.
+constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
+
+// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
+// one accumulator per key summed over D in blocks of kSumBlock vectors, then
+// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
+inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
+  R total = Vec::zero();
+  const int64_t d_all = d_full + (tail > 0 ? W : 0);
+  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
+    R acc[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
+    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
+    for (int64_t d = d0; d < d_end; d += W) {
+      const R qv = Vec::load(q + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
+    }
+    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
+      const R qv = Vec::load(q + d_full);  // zero-padded
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) {
+        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
+      }
+    }
+    total = Vec::add(Vec::transpose_sum(acc), total);
+  }
+  return total;
+}
+
+// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
+// row zero-padded to whole vectors.
+inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
+                       float* sc) {
+  const R scale = Vec::set1(P.scale);
+  const int64_t d_full = P.D / W * W;
+  const int tail = static_cast<int>(P.D - d_full);
+  for (int64_t jg = 0; jg < t.nk; jg += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
+    const float* rows[W];
+    // A last group of n < W keys repeats its last key in the unused lanes.
+    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
+    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
+  }
+}
+
+// Unmasked scores of a tile of at most kRowPathRows query rows, in the row path's order
+// (row_scores): st[j * lanes + l] = scale * q_{i0 + l} . k_{j0 + j}, 0 in lanes >= nq.
+// Every score of such a tile is computed this way in both passes (forward_row,
+// score_tile), so the backward's P = exp(s - lse) is made of the very scores whose
+// log-sum-exp the forward stored: summed in another order (the GEMM's), a score differs
+// by an ulp of sum_d |q_d k_d| * scale, which can be 1e-5 at logits of 10, and P then
+// has that relative error where the reference's is an ulp (issue 11).
+inline void row_order_scores(const Problem& P, int64_t b, int64_t h, const Tile& t,
+                             const float* k_head, float* q_row, float* st) {
+  const int64_t lanes = lanes_of(t.nq);
+  const int64_t dpad = round_up(P.D, W);
+  alignas(64) float sc[kMaxKeyTile];
+  for (int64_t l = 0; l < lanes; ++l) {
+    if (l >= t.nq) {
+      for (int64_t j = 0; j < t.nk; ++j) st[j * lanes + l] = 0.0f;
+      continue;
+    }
+    const float* q = P.q + b * P.q_sb + h * P.q_sh + (t.i0 + l) * P.q_sl;
+    std::copy(q, q + P.D, q_row);
+    std::fill(q_row + P.D, q_row + dpad, 0.0f);
+    row_scores(P, t, k_head, q_row, sc);
+    for (int64_t j = 0; j < t.nk; ++j) st[j * lanes + l] = sc[j];
+  }
+}
+
 // Score tile st = mask(scale * K[j0 : j0 + nk] . Q^T) for query lanes of t;
-// q_t points at the tile's first lane of a (D, ldq) transposed query block.
+// q_t points at the tile's first lane of a (D, ldq) transposed query block. Tiles of at
+// most kRowPathRows rows are scored in the row path's order (row_order_scores, q_row:
+// round_up(D, W) floats of scratch), all others by the GEMM.
 // With TRACK_MAX, lane_max receives the per-lane max of the tile.
 template <bool TRACK_MAX>
 void score_tile(const Problem& P, int64_t b, int64_t h, const Tile& t, const float* k_head,
-                const float* q_t, int64_t ldq, float* st, float* lane_max) {
+                const float* q_t, int64_t ldq, float* q_row, float* st, float* lane_max) {
   const int64_t lanes = lanes_of(t.nq);
   const float* k_rows = k_head + t.j0 * P.k_sl;
-  if (!tile_needs_mask(P, t)) {
-    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
-    Epilogue epi;
-    epi.scale = P.scale;
-    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
-    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+  const bool masked = tile_needs_mask(P, t);
+  if (t.nq <= kRowPathRows) {
+    row_order_scores(P, b, h, t, k_head, q_row, st);
+    if (masked) {
+      mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
+    } else if constexpr (TRACK_MAX) {
+      const int groups = static_cast<int>(lanes / W);
+      for (int g = 0; g < groups; ++g) {
+        R mx = Vec::set1(kNegInf);
+        for (int64_t j = 0; j < t.nk; ++j) mx = Vec::max(mx, Vec::load(st + j * lanes + g * W));
+        Vec::store(lane_max + g * W, mx);
+      }
+    }
     return;
   }
   Epilogue epi;
   epi.scale = P.scale;
+  if (!masked) {
+    if constexpr (TRACK_MAX) std::fill(lane_max, lane_max + lanes, kNegInf);
+    epi.lane_max = TRACK_MAX ? lane_max : nullptr;
+    gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
+    return;
+  }
   gemm<false, false, kScores>(t.nk, lanes, P.D, k_rows, P.k_sl, q_t, ldq, st, lanes, epi);
   mask_scores<TRACK_MAX>(P, b, h, t, st, lane_max);
 }
@@ -598,6 +716,7 @@ inline void collect_key_tiles(const Problem& P, int64_t b, int64_t h, int64_t qb
 struct ForwardScratch {
   Buffer q_t, st;
   Buffer o;     // output accumulator, (query rows, Dv), row stride Dv
+  Buffer oc;    // rounding errors of o's sum over key tiles (add_rows_compensated)
   Buffer part;  // one key tile's P . V, same layout
   Buffer row_q;  // row path: the query row, zero-padded to whole vectors
   alignas(64) float m[kQueryTile];
@@ -620,7 +739,7 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
   const int groups = static_cast<int>(lanes / W);
   for (const Tile& t : s.tiles) {
     float* st = s.st.get();
-    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, s.row_q.get(), st, s.tile_max);
     bool rescale = false;
     R m_use[kMaxGroups], l[kMaxGroups], lc[kMaxGroups];
     for (int g = 0; g < groups; ++g) {
@@ -661,8 +780,11 @@ void forward_tile_flash(const ForwardParams& F, ForwardScratch& s, int64_t b, in
     // error grows with the tile length, not with Lk.
     gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
                                             P.v_sl, s.part.get(), P.Dv);
-    if (rescale) scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
-    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+    if (rescale) {
+      scale_rows(s.o.get(), P.Dv, t.nq, P.Dv, s.alpha, s.o.get(), P.Dv);
+      scale_rows(s.oc.get(), P.Dv, t.nq, P.Dv, s.alpha, s.oc.get(), P.Dv);
+    }
+    add_rows_compensated(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), s.oc.get(), P.Dv);
   }
   for (int g = 0; g < groups; ++g) {
     Vec::store(s.l + g * W, Vec::add(Vec::load(s.l + g * W), Vec::load(s.lc + g * W)));
@@ -685,7 +807,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     s.tile_rows.push_back(rows);
     float* st = s.st.get() + rows * lanes;
     rows += t.nk;
-    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, st, s.tile_max);
+    score_tile<true>(P, b, h, t, kb, s.q_t.get(), lanes, s.row_q.get(), st, s.tile_max);
     for (int g = 0; g < groups; ++g) {
       Vec::store(s.m + g * W,
                  Vec::max(Vec::load(s.m + g * W), Vec::load(s.tile_max + g * W)));
@@ -767,7 +889,7 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
     }
     gemm<false, true, kNone, kSumBlockLong>(t.nq, P.Dv, t.nk, st, lanes, vb + t.j0 * P.v_sl,
                                             P.v_sl, s.part.get(), P.Dv);
-    add_rows(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), P.Dv);
+    add_rows_compensated(s.part.get(), P.Dv, t.nq, P.Dv, s.o.get(), s.oc.get(), P.Dv);
   }
 }
 
@@ -777,8 +899,6 @@ void forward_tile_weights(const ForwardParams& F, ForwardScratch& s, int64_t b, 
 // exponentials would run W times over; here every lane holds a key.
 // ---------------------------------------------------------------------------
 
-// Query tiles of at most this many rows take the row path (SIMD builds only).
-constexpr int64_t kRowPathRows = W > 1 ? 4 : 0;
 // Output vectors per P . V strip (accumulators and running totals in registers).
 constexpr int kRowNV = W >= 16 ? 8 : 4;
 
@@ -796,50 +916,6 @@ inline float lanes_sum(R x) {
   float sum = v[0];
   for (int l = 1; l < W; ++l) sum += v[l];
   return sum;
-}
-
-// Scores of W keys (rows[r], r < W) against q: lane r of the result is q . rows[r],
-// one accumulator per key summed over D in blocks of kSumBlock vectors, then
-// Vec::transpose_sum. All W accumulators stay in registers (fixed trip counts).
-inline R row_scores_group(const float* const* rows, const float* q, int64_t d_full, int tail) {
-  R total = Vec::zero();
-  const int64_t d_all = d_full + (tail > 0 ? W : 0);
-  for (int64_t d0 = 0; d0 < d_all; d0 += W * kSumBlock) {
-    R acc[W];
-#pragma GCC unroll 16
-    for (int r = 0; r < W; ++r) acc[r] = Vec::zero();
-    const int64_t d_end = std::min<int64_t>(d_full, d0 + W * kSumBlock);
-    for (int64_t d = d0; d < d_end; d += W) {
-      const R qv = Vec::load(q + d);
-#pragma GCC unroll 16
-      for (int r = 0; r < W; ++r) acc[r] = Vec::fmadd(Vec::load(rows[r] + d), qv, acc[r]);
-    }
-    if (tail > 0 && d_full >= d0 && d_full < d0 + W * kSumBlock) {
-      const R qv = Vec::load(q + d_full);  // zero-padded
-#pragma GCC unroll 16
-      for (int r = 0; r < W; ++r) {
-        acc[r] = Vec::fmadd(Vec::load_n(rows[r] + d_full, tail), qv, acc[r]);
-      }
-    }
-    total = Vec::add(Vec::transpose_sum(acc), total);
-  }
-  return total;
-}
-
-// sc[j] = scale * q . k_j for the t.nk keys of tile t, W keys at a time; q is the query
-// row zero-padded to whole vectors.
-inline void row_scores(const Problem& P, const Tile& t, const float* k_head, const float* q,
-                       float* sc) {
-  const R scale = Vec::set1(P.scale);
-  const int64_t d_full = P.D / W * W;
-  const int tail = static_cast<int>(P.D - d_full);
-  for (int64_t jg = 0; jg < t.nk; jg += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, t.nk - jg));
-    const float* rows[W];
-    // A last group of n < W keys repeats its last key in the unused lanes.
-    for (int r = 0; r < W; ++r) rows[r] = k_head + (t.j0 + jg + std::min(r, n - 1)) * P.k_sl;
-    Vec::store_n(sc + jg, Vec::mul(row_scores_group(rows, q, d_full, tail), scale), n);
-  }
 }
 
 // The element masks of row i on the scores of tile t (scalar: the row path is for few rows).
@@ -917,9 +993,10 @@ inline void row_pv(const float* p, int64_t nk, const float* v, int64_t v_sl, int
 
 // Online softmax of query row i of head (b, h) over s.tiles (collect_key_tiles with
 // nq = 1): leaves the row's max score in *m (-inf: no visible key), its sum
-// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats).
+// sum_j exp(s_j - m) in *l and sum_j exp(s_j - m) Z_j V_j in o (Dv floats; oc: Dv floats
+// of scratch for the rounding errors of o's sum over tiles).
 void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int64_t i,
-                 float* m_out, float* l_out, float* o) {
+                 float* m_out, float* l_out, float* o, float* oc) {
   const int64_t hk = h / P.group();
   const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
   const float* vb = P.v + b * P.v_sb + hk * P.v_sh;
@@ -931,6 +1008,7 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(b * P.Hq + h));
   float m = kNegInf, l = 0.0f, lc = 0.0f;
   std::fill(o, o + P.Dv, 0.0f);
+  std::fill(oc, oc + P.Dv, 0.0f);
   float* sc = s.st.get();
   float* part = s.part.get();
   for (const Tile& t : s.tiles) {
@@ -964,18 +1042,14 @@ void forward_row(const Problem& P, ForwardScratch& s, int64_t b, int64_t h, int6
     lc *= alpha;
     add_compensated(l, lc, lanes_sum(sum));
     row_pv(sc, t.nk, vb + t.j0 * P.v_sl, P.v_sl, P.Dv, part);
-    const R a = Vec::set1(alpha);
-    const int64_t full = P.Dv / W * W;
-    for (int64_t c = 0; c < full; c += W) {
-      Vec::store(o + c, Vec::add(Vec::mul(Vec::load(o + c), a), Vec::load(part + c)));
+    if (alpha != 1.0f) {
+      scale_rows(o, P.Dv, 1, P.Dv, &alpha, o, P.Dv);
+      scale_rows(oc, P.Dv, 1, P.Dv, &alpha, oc, P.Dv);
     }
-    if (full < P.Dv) {
-      const int n = static_cast<int>(P.Dv - full);
-      Vec::store_n(o + full, Vec::add(Vec::mul(Vec::load_n(o + full, n), a),
-                                      Vec::load_n(part + full, n)), n);
-    }
+    add_rows_compensated(part, P.Dv, 1, P.Dv, o, oc, P.Dv);
     m = m_new;
   }
+  add_rows(oc, P.Dv, 1, P.Dv, o, P.Dv);
   *m_out = m;
   *l_out = l + lc;
 }
@@ -1008,6 +1082,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
   s.q_t = make_buffer(P.D * kQueryTile);
   s.o = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
+  s.oc = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.part = make_buffer(std::max<int64_t>(P.Dv, 1) * kQueryTile);
   s.row_q = make_buffer(round_up(P.D, W));
   const int64_t st_rows = F.weights ? P.Lk + key_tile : key_tile;
@@ -1034,8 +1109,8 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     if (nq <= kRowPathRows && F.weights == nullptr) {
       for (int64_t r = 0; r < nq; ++r) {
         collect_key_tiles(P, b, h, qb, i0 + r, 1, key_tile, key_lo, key_hi, s.tiles);
-        float* o = s.o.get() + r * P.Dv;
-        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, o);
+        forward_row(P, s, b, h, i0 + r, s.m + r, s.l + r, s.o.get() + r * P.Dv,
+                    s.oc.get() + r * P.Dv);
       }
       finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
       continue;
@@ -1051,6 +1126,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     std::fill(s.l, s.l + lanes, 0.0f);
     std::fill(s.lc, s.lc + lanes, 0.0f);
     std::fill(s.o.get(), s.o.get() + P.Dv * nq, 0.0f);
+    std::fill(s.oc.get(), s.oc.get() + P.Dv * nq, 0.0f);
 
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, key_lo, key_hi, s.tiles);
     if (F.weights) {
@@ -1058,6 +1134,7 @@ void forward_worker(const ForwardParams& F, std::atomic<int64_t>* next) {
     } else {
       forward_tile_flash(F, s, b, h, lanes);
     }
+    add_rows(s.oc.get(), P.Dv, nq, P.Dv, s.o.get(), P.Dv);
     finish_rows(F, bh, i0, nq, split, s.m, s.l, s.o.get());
   }
 }
@@ -1152,7 +1229,7 @@ void backward_prepare(const BackwardParams& G, int64_t begin, int64_t end) {
 void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
   const Problem& P = G.p;
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileFwd;
-  Buffer st, dp, vz;
+  Buffer st, dp, vz, q_row;
   alignas(64) float lse[kQueryTile];
   alignas(64) float tile_max[kQueryTile];
   std::vector<Tile> tiles;
@@ -1184,6 +1261,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
       st = make_buffer(key_tile * kQueryTile);
       dp = make_buffer(key_tile * kQueryTile);
       vz = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
+      q_row = make_buffer(round_up(P.D, W));
     }
     const int64_t hk = h / P.group();
     const float* kb = P.k + b * P.k_sb + hk * P.k_sh;
@@ -1194,7 +1272,7 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     R c[kMaxGroups], c_err[kMaxGroups], t_sum[kMaxGroups], t_err[kMaxGroups];
     for (int g = 0; g < groups; ++g) c[g] = c_err[g] = t_sum[g] = t_err[g] = Vec::zero();
     for (const Tile& t : tiles) {
-      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, st.get(), tile_max);
+      score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, q_row.get(), st.get(), tile_max);
       bool significant = false;
       for (int64_t i = 0; i < nq; ++i) significant = significant || tile_max[i] - lse[i] > -40.0f;
       if (!significant) continue;
@@ -1248,6 +1326,10 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
 
 struct BackwardScratch {
   Buffer st, pd, dp, z, vz;
+  Buffer row_q;  // score_tile's scratch for tiles of few rows
+  // Rounding errors of the key tile's dK and dV sums over query tiles
+  // (add_rows_compensated), (key_tile, D) and (key_tile, Dv).
+  Buffer dk_err, dv_err;
   Buffer part;  // one (key tile x query tile) contribution to dK, dV or dQ
   alignas(64) float lse[kQueryTile];
   alignas(64) float lam[kQueryTile];
@@ -1306,8 +1388,8 @@ inline void collect_query_tiles(const Problem& P, int64_t b, int64_t h, int64_t 
 // One (query tile) x (key tile) step of the backward. `v_rows` (row stride v_ld) are the
 // tile's key rows of V, or with dropout of drop_scale * V (see backward_worker).
 void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64_t h,
-                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dk,
-                   float* dv) {
+                   const Tile& t, const float* v_rows, int64_t v_ld, float* dq, float* dq_err,
+                   float* dk, float* dv) {
   const Problem& P = G.p;
   const int64_t hk = h / P.group();
   const int64_t bh = b * P.Hq + h;
@@ -1324,7 +1406,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // P = exp((scale * S - lse) - lam): 0 for rows with no visible key (lse = +inf).
   float* st = s.st.get();
   const float* q_t = G.q_t + bh * P.D * G.lq_pad + t.i0;
-  if (!tile_needs_mask(P, t)) {
+  if (!tile_needs_mask(P, t) && t.nq > kRowPathRows) {
     Epilogue probs;
     probs.scale = P.scale;
     probs.lane = s.lse;
@@ -1332,7 +1414,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
     gemm<false, false, kProbs>(t.nk, lanes, P.D, kb + t.j0 * P.k_sl, P.k_sl, q_t, G.lq_pad, st,
                                lanes, probs);
   } else {
-    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, st, nullptr);
+    score_tile<false>(P, b, h, t, kb, q_t, G.lq_pad, s.row_q.get(), st, nullptr);
     for (int64_t j = 0; j < t.nk; ++j) {
       float* row = st + j * lanes;
       for (int g = 0; g < groups; ++g) {
@@ -1363,7 +1445,7 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   // then added, so float32 sums grow with the tile, not with Lq (likewise dK, dQ).
   float* part = s.part.get();
   gemm<false, false, kNone, kSumBlockLong>(t.nk, P.Dv, t.nq, pd, lanes, dout, G.do_sl, part, P.Dv);
-  add_rows(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, P.Dv);
+  add_rows_compensated(part, P.Dv, t.nk, P.Dv, dv + t.j0 * P.Dv, s.dv_err.get(), P.Dv);
   // dS = scale * P * (dP * Z - delta) with dP^T = V . dO^T, in the GEMM's epilogue
   // (scale applied once here for both dQ and dK). Its sum over D runs in the order of
   // backward_prepare's delta, so one visible key gives dS = 0 exactly.
@@ -1380,10 +1462,11 @@ void backward_tile(const BackwardParams& G, BackwardScratch& s, int64_t b, int64
   gemm<false, false, kNone, kSumBlockLong>(t.nk, P.D, t.nq, dp, lanes,
                                            P.q + b * P.q_sb + h * P.q_sh + t.i0 * P.q_sl,
                                            P.q_sl, part, P.D);
-  add_rows(part, P.D, t.nk, P.D, dk + t.j0 * P.D, P.D);
+  add_rows_compensated(part, P.D, t.nk, P.D, dk + t.j0 * P.D, s.dk_err.get(), P.D);
   gemm<false, true, kNone, kSumBlockLong>(t.nq, P.D, t.nk, dp, lanes, kb + t.j0 * P.k_sl,
                                           P.k_sl, part, P.D);
-  add_rows(part, P.D, t.nq, P.D, dq + (bh * P.Lq + t.i0) * P.D, P.D);
+  const int64_t dq_row = (bh * P.Lq + t.i0) * P.D;
+  add_rows_compensated(part, P.D, t.nq, P.D, dq + dq_row, dq_err + dq_row, P.D);
 }
 
 void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
@@ -1392,6 +1475,9 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
   const int64_t key_tile = P.blocks.present ? std::min(P.blocks.bk, kMaxKeyTile) : kKeyTileBwd;
   s.st = make_buffer(key_tile * kQueryTile);
   s.dp = make_buffer(key_tile * kQueryTile);
+  s.row_q = make_buffer(round_up(P.D, W));
+  s.dk_err = make_buffer(key_tile * std::max<int64_t>(P.D, 1));
+  s.dv_err = make_buffer(key_tile * std::max<int64_t>(P.Dv, 1));
   s.part = make_buffer(std::max(key_tile, kQueryTile) * std::max<int64_t>({P.D, P.Dv, 1}));
   if (P.dropout) {
     s.pd = make_buffer(key_tile * kQueryTile);
@@ -1406,6 +1492,7 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
     const int64_t bhk = item / G.num_chunks;
     const int64_t b = bhk / P.Hkv, hk = bhk % P.Hkv;
     float* dq = G.dq + chunk * P.B * P.Hq * P.Lq * P.D;
+    float* dq_err = G.dq_err + chunk * P.B * P.Hq * P.Lq * P.D;
     float* dk = G.dk + bhk * P.Lk * P.D;
     float* dv = G.dv + bhk * P.Lk * P.Dv;
     const int64_t u_end = std::min(units, (chunk + 1) * per_chunk);
@@ -1426,12 +1513,24 @@ void backward_worker(const BackwardParams& G, std::atomic<int64_t>* next) {
           v_rows = s.vz.get();
           v_ld = P.Dv;
         }
+        std::fill(s.dk_err.get(), s.dk_err.get() + nk * P.D, 0.0f);
+        std::fill(s.dv_err.get(), s.dv_err.get() + nk * P.Dv, 0.0f);
         for (int64_t g = 0; g < P.group(); ++g) {
           const int64_t h = hk * P.group() + g;
           collect_query_tiles(P, b, h, u, j0, nk, s.tiles);
-          for (const Tile& t : s.tiles) backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dk, dv);
+          for (const Tile& t : s.tiles) {
+            backward_tile(G, s, b, h, t, v_rows, v_ld, dq, dq_err, dk, dv);
+          }
         }
+        // The key tile's dK and dV rows are complete (no other item touches them).
+        add_rows(s.dk_err.get(), P.D, nk, P.D, dk + j0 * P.D, P.D);
+        add_rows(s.dv_err.get(), P.Dv, nk, P.Dv, dv + j0 * P.Dv, P.Dv);
       }
+    }
+    // This item's dQ chunk for the group's heads is complete.
+    for (int64_t g = 0; g < P.group(); ++g) {
+      const int64_t rows = (b * P.Hq + hk * P.group() + g) * P.Lq * P.D;
+      add_rows(dq_err + rows, P.D, P.Lq, P.D, dq + rows, P.D);
     }
   }
 }
