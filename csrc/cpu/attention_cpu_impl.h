@@ -1269,8 +1269,14 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
     const float* q_t = G.q_t + bh * P.D * G.lq_pad + i0;
     const float* do_t = G.do_t + bh * P.Dv * G.lq_pad + i0;
     collect_key_tiles(P, b, h, qb, i0, nq, key_tile, 0, P.Lk, tiles);
-    R c[kMaxGroups], c_err[kMaxGroups], t_sum[kMaxGroups], t_err[kMaxGroups];
-    for (int g = 0; g < groups; ++g) c[g] = c_err[g] = t_sum[g] = t_err[g] = Vec::zero();
+    // c and sum_j e_ij dP_ij in float64: delta = t / c rounds once. In a peaked row dP at
+    // the dominant key and delta agree to a few digits and dS is their difference, so a
+    // float32 t (products and sums each rounded at |dP|'s ulp) gave dq 3-5x the
+    // reference's error at logits near 100; errors in e itself cancel in t / c.
+    alignas(64) double c[kQueryTile], t_sum[kQueryTile];
+    alignas(64) float e_row[kQueryTile], d_row[kQueryTile];
+    std::fill(c, c + lanes, 0.0);
+    std::fill(t_sum, t_sum + lanes, 0.0);
     for (const Tile& t : tiles) {
       score_tile<true>(P, b, h, t, kb, q_t, G.lq_pad, q_row.get(), st.get(), tile_max);
       bool significant = false;
@@ -1289,37 +1295,28 @@ void backward_stats(const BackwardParams& G, std::atomic<int64_t>* next) {
         v_ld = P.Dv;
       }
       gemm<false, false>(t.nk, lanes, P.Dv, v_rows, v_ld, do_t, G.lq_pad, dp.get(), lanes);
-      for (int64_t jb = 0; jb < t.nk; jb += kSumBlock) {
-        R pc[kMaxGroups], pt[kMaxGroups];
-        for (int g = 0; g < groups; ++g) pc[g] = pt[g] = Vec::zero();
-        for (int64_t j = jb; j < std::min(t.nk, jb + kSumBlock); ++j) {
-          const float* row = st.get() + j * lanes;
-          const float* dprow = dp.get() + j * lanes;
-          for (int g = 0; g < groups; ++g) {
-            const R e = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(lse + g * W)));
-            R d = Vec::load(dprow + g * W);
-            if (P.dropout) d = Vec::blend(dropout_keep(P, b, h, t.i0, g, t.j0 + j), d, Vec::zero());
-            pc[g] = Vec::add(pc[g], e);
-            pt[g] = Vec::add(pt[g], Vec::mul(e, d));
-          }
-        }
+      for (int64_t j = 0; j < t.nk; ++j) {
+        const float* row = st.get() + j * lanes;
+        const float* dprow = dp.get() + j * lanes;
         for (int g = 0; g < groups; ++g) {
-          add_compensated(c[g], c_err[g], pc[g]);
-          add_compensated(t_sum[g], t_err[g], pt[g]);
+          const R e = Vec::exp(Vec::sub(Vec::load(row + g * W), Vec::load(lse + g * W)));
+          R d = Vec::load(dprow + g * W);
+          if (P.dropout) d = Vec::blend(dropout_keep(P, b, h, t.i0, g, t.j0 + j), d, Vec::zero());
+          Vec::store(e_row + g * W, e);
+          Vec::store(d_row + g * W, d);
+        }
+        for (int64_t i = 0; i < lanes; ++i) {
+          c[i] += e_row[i];
+          t_sum[i] += static_cast<double>(e_row[i]) * d_row[i];
         }
       }
     }
-    alignas(64) float cs[kQueryTile], ts[kQueryTile];
-    for (int g = 0; g < groups; ++g) {
-      Vec::store(cs + g * W, Vec::add(c[g], c_err[g]));
-      Vec::store(ts + g * W, Vec::add(t_sum[g], t_err[g]));
-    }
     for (int64_t i = 0; i < nq; ++i) {
-      if (!std::isfinite(row_lse[i]) || !(cs[i] > 0.0f)) continue;
-      lam[i] = std::log(cs[i]);
-      float delta = ts[i] / cs[i];
+      if (!std::isfinite(row_lse[i]) || !(c[i] > 0.0)) continue;
+      lam[i] = static_cast<float>(std::log(c[i]));
+      double delta = t_sum[i] / c[i];
       if (G.grad_lse != nullptr) delta -= G.grad_lse[bh * P.Lq + i0 + i];
-      G.delta[bh * P.Lq + i0 + i] = delta;
+      G.delta[bh * P.Lq + i0 + i] = static_cast<float>(delta);
     }
   }
 }
