@@ -649,7 +649,11 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < row_hi
     row_offs = bh.to(tl.int64) * Lq + rows
     lse = tl.load(Lse + row_offs, mask=row_ok, other=float("inf"))
-    c = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse)
+    # The stats pass sums in float64: delta = t / c rounds once. In a peaked row dP at the
+    # dominant key and delta agree to a few digits and dS is their difference; float32
+    # sums (each product and addition rounded at |dP|'s ulp) gave dK 2.5x the reference's
+    # error. Errors in p itself cancel in t / c.
+    c = tl.zeros([BLOCK_M], tl.float64)  # stats: sum_j exp(s_j - lse)
     if STATS_PASS:
         n_visible = tl.sum((row_ok & (lse < float("inf"))).to(tl.int32), 0)
         lam = tl.zeros([BLOCK_M], tl.float32)
@@ -673,7 +677,7 @@ def _attn_bwd_dq_kernel(
             + tl.cast(row_lo, tl.int64) * stride_ml
         kpm_base = Kpm + b.to(tl.int64) * stride_kpb
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        t = tl.zeros([BLOCK_M], tl.float32)  # stats: sum_j exp(s_j - lse) Z_j dP_j
+        t = tl.zeros([BLOCK_M], tl.float64)  # stats: sum_j exp(s_j - lse) Z_j dP_j
 
         plane = (b % BM) * HM + (h % HM)
         n_iter = _kv_walk_len(KvNum, KvIdx, plane, qb, row_hi, Lk, NBQ, NBK, BK,
@@ -703,8 +707,9 @@ def _attn_bwd_dq_kernel(
                                      BLOCK_N)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             if STATS_PASS:
-                c += tl.sum(p, 1)
-                t += tl.sum(p * dp, 1)
+                p64 = p.to(tl.float64)
+                c += tl.sum(p64, 1)
+                t += tl.sum(p64 * dp.to(tl.float64), 1)
             else:
                 ds = p * (dp - delta[:, None])
                 dq = _dot_split(ds, k, dq, PRECISION)
@@ -717,9 +722,9 @@ def _attn_bwd_dq_kernel(
             c_safe = tl.where(fixed, c, 1.0)
             new_delta = t / c_safe
             if HAS_GRAD_LSE:
-                new_delta -= tl.load(GradLse + row_offs, mask=fixed, other=0.0)
-            tl.store(Delta + row_offs, new_delta, mask=fixed)
-            tl.store(Lam + row_offs, tl.log(c_safe), mask=fixed)
+                new_delta -= tl.load(GradLse + row_offs, mask=fixed, other=0.0).to(tl.float64)
+            tl.store(Delta + row_offs, new_delta.to(tl.float32), mask=fixed)
+            tl.store(Lam + row_offs, tl.log(c_safe.to(tl.float32)), mask=fixed)
         else:
             dq = dq * scale
             tl.store(DQ + row_offs[:, None] * D + offs_d[None, :],
@@ -823,7 +828,7 @@ _FP32 = {
                          128: [(16, 16, 4, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
     "bwd_stats": {"light": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
                             128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
-                  "heavy": {64: [(32, 16, 4, 2)],
+                  "heavy": {64: [(16, 32, 4, 2)],
                             128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]}},
 }
 _PREPROCESS = [(64, 4), (128, 8)]  # (BLOCK_M, num_warps)
@@ -847,7 +852,7 @@ def _pow2(n: int) -> int:
 # for 128 threads) and spilled a few bytes to get there: maxnreg = 255 lifts that aim.
 # (Set on every heavy tile, maxnreg made other tiles spill: ptxas then unrolls more.)
 _CUT_TILE = {"fwd": (4, 1, 0), "weights": (4, 1, 0), "bwd_dkdv": (4, 1, 255),
-             "bwd_dq": (8, 1, 255), "bwd_stats": (8, 2, 0)}
+             "bwd_dq": (8, 1, 255), "bwd_stats": (8, 2, 255)}
 
 
 def _fit_to_blocks(kernel: str, tile: tuple[int, int, int, int], bq: int, bk: int,
