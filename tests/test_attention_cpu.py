@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from cases import MASK_CASES, bool_mask, run_attention
 from tolerance import assert_within_rule, max_error
 
 import mmattn
@@ -52,31 +53,13 @@ def _qkv(shape, dtype=torch.float32, layout="bhld"):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _run(q, k, v, backend, dtype, grad_out=None, **kwargs):
-    """Output, weights (or None) and input grads of cross_attention at ``dtype``."""
-    def cast(t):
-        return t.detach().to(dtype).requires_grad_(grad_out is not None)
-
-    qc, kc, vc = cast(q), cast(k), cast(v)
-    mask = kwargs.pop("attn_mask", None)
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(torch.float64 if dtype == torch.float64 else mask.dtype)
-    res = cross_attention(qc, kc, vc, attn_mask=mask, backend=backend, **kwargs)
-    out, weights = res if kwargs.get("return_weights") else (res, None)
-    grads = None
-    if grad_out is not None:
-        out.backward(grad_out.to(dtype))
-        grads = (qc.grad, kc.grad, vc.grad)
-    return out.detach(), None if weights is None else weights.detach(), grads
-
-
 def check_against_reference(q, k, v, *, grads=True, dtype=torch.float32, **kwargs):
     """Assert the cpu backend obeys the tolerance rule for out, weights and grads."""
     b, hq, lq, _ = q.shape
     grad_out = torch.randn(b, hq, lq, v.shape[-1]) if grads else None
-    ours = _run(q, k, v, "cpu", dtype, grad_out, **dict(kwargs))
-    ref = _run(q, k, v, "reference", dtype, grad_out, **dict(kwargs))
-    oracle = _run(q, k, v, "reference", torch.float64, grad_out, **dict(kwargs))
+    ours = run_attention(q, k, v, "cpu", dtype, grad_out, **dict(kwargs))
+    ref = run_attention(q, k, v, "reference", dtype, grad_out, **dict(kwargs))
+    oracle = run_attention(q, k, v, "reference", torch.float64, grad_out, **dict(kwargs))
     assert ours[0].dtype == dtype
     assert_within_rule(ours[0], ref[0], oracle[0], name="out")
     if kwargs.get("return_weights"):
@@ -146,7 +129,7 @@ def test_half_precision_inputs(dtype):
 @pytest.mark.parametrize("lq,lk", [(0, 9), (9, 0), (0, 0)])
 def test_zero_lengths(lq, lk):
     q, k, v = _qkv((2, 2, 1, lq, lk, 8, 4))
-    out, weights, grads = _run(q, k, v, "cpu", torch.float32, torch.randn(2, 2, lq, 4),
+    out, weights, grads = run_attention(q, k, v, "cpu", torch.float32, torch.randn(2, 2, lq, 4),
                                return_weights=True)
     assert out.shape == (2, 2, lq, 4) and weights.shape == (2, 2, lq, lk)
     assert not out.any() and not weights.any()
@@ -156,7 +139,7 @@ def test_zero_lengths(lq, lk):
 
 def test_empty_value_dim():
     q, k, v = _qkv((1, 2, 1, 5, 6, 8, 0))
-    out, _, grads = _run(q, k, v, "cpu", torch.float32, torch.randn(1, 2, 5, 0))
+    out, _, grads = run_attention(q, k, v, "cpu", torch.float32, torch.randn(1, 2, 5, 0))
     assert out.shape == (1, 2, 5, 0)
     assert not any(g.any() for g in grads)
 
@@ -207,23 +190,6 @@ def test_softmax_exp_accuracy_over_a_wide_range():
 # ---------------------------------------------------------------- masks
 
 
-def _bool_mask(*shape, keep=0.7):
-    return torch.rand(*shape) < keep
-
-
-MASK_CASES = {
-    "bool-full": lambda b, h, lq, lk: _bool_mask(b, h, lq, lk),
-    "bool-broadcast-2d": lambda b, h, lq, lk: _bool_mask(lq, lk),
-    "bool-per-key": lambda b, h, lq, lk: _bool_mask(b, 1, 1, lk),
-    "bool-per-query": lambda b, h, lq, lk: _bool_mask(1, h, lq, 1, keep=0.8),
-    "bool-expanded-view": lambda b, h, lq, lk: _bool_mask(1, 1, lq, lk).expand(b, h, lq, lk),
-    "bool-transposed": lambda b, h, lq, lk: _bool_mask(b, h, lk, lq).transpose(-1, -2),
-    "float-2d": lambda b, h, lq, lk: torch.randn(lq, lk),
-    "float-with-inf": lambda b, h, lq, lk: torch.randn(b, 1, lq, lk).masked_fill(
-        _bool_mask(b, 1, lq, lk, keep=0.4), -math.inf),
-    "float-bf16": lambda b, h, lq, lk: torch.randn(h, lq, lk).bfloat16(),
-    "float16-per-key": lambda b, h, lq, lk: torch.randn(b, 1, 1, lk).half(),
-}
 
 
 @pytest.mark.parametrize("kind", list(MASK_CASES))
@@ -252,14 +218,14 @@ def test_key_padding_mask_with_a_fully_padded_batch():
 def test_all_masks_combined():
     b, h, lq, lk = 2, 4, 70, 90
     q, k, v = _qkv((b, h, 2, lq, lk, 32, 32))
-    check_against_reference(q, k, v, attn_mask=_bool_mask(1, h, lq, lk),
+    check_against_reference(q, k, v, attn_mask=bool_mask(1, h, lq, lk),
                             key_padding_mask=torch.rand(b, lk) < 0.2, is_causal=True,
                             return_weights=True)
 
 
 def test_empty_rows_give_zeros_never_nan():
     q, k, v = _qkv((2, 2, 2, 12, 20, 16, 16))
-    mask = _bool_mask(2, 2, 12, 20)
+    mask = bool_mask(2, 2, 12, 20)
     mask[:, :, 3] = False  # row 3 sees no key
     float_mask = torch.zeros(2, 2, 12, 20).masked_fill(~mask, -math.inf)
     for m in (mask, float_mask):
@@ -288,7 +254,7 @@ def test_dropout_matches_reference_bit_for_bit(shape, p):
     q, k, v = _qkv(shape)
     kwargs = dict(dropout_p=p, dropout_seed=1234567, return_weights=True, is_causal=False)
     ours = check_against_reference(q, k, v, **kwargs)
-    ref = _run(q, k, v, "reference", torch.float32, None, **kwargs)
+    ref = run_attention(q, k, v, "reference", torch.float32, None, **kwargs)
     # Same seed, same Philox mask: the zeros of the weights sit at the same places.
     assert torch.equal(ours[1] == 0, ref[1] == 0)
     assert (ours[1] == 0).float().mean().item() > 0.5 * p
@@ -302,7 +268,7 @@ def test_dropout_without_weights_and_with_masks():
 
 def test_dropout_one_drops_everything():
     q, k, v = _qkv((1, 2, 2, 9, 13, 8, 8))
-    out, weights, grads = _run(q, k, v, "cpu", torch.float32, torch.randn(1, 2, 9, 8),
+    out, weights, grads = run_attention(q, k, v, "cpu", torch.float32, torch.randn(1, 2, 9, 8),
                                dropout_p=1.0, dropout_seed=3, return_weights=True)
     assert not out.any() and not weights.any() and not any(g.any() for g in grads)
 
@@ -313,7 +279,7 @@ def test_dropout_one_drops_everything():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_every_instruction_set_agrees(isa, monkeypatch):
     q, k, v = _qkv((2, 3, 3, 41, 77, 24, 20))
-    kwargs = dict(attn_mask=_bool_mask(1, 3, 41, 77), is_causal=True, dropout_p=0.2,
+    kwargs = dict(attn_mask=bool_mask(1, 3, 41, 77), is_causal=True, dropout_p=0.2,
                   dropout_seed=99, return_weights=True)
     monkeypatch.setenv("MMATTN_CPU_ISA", isa)
     try:
@@ -321,7 +287,7 @@ def test_every_instruction_set_agrees(isa, monkeypatch):
     except RuntimeError:
         pytest.skip(f"this CPU has no {isa}")
     ours = check_against_reference(q, k, v, **kwargs)
-    ref = _run(q, k, v, "reference", torch.float32, None, **kwargs)
+    ref = run_attention(q, k, v, "reference", torch.float32, None, **kwargs)
     assert torch.equal(ours[1] == 0, ref[1] == 0)
     block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 3, 41, 77, 16, 32, 5),
                                            (16, 32))
@@ -333,7 +299,7 @@ def test_every_instruction_set_agrees(isa, monkeypatch):
 
 def test_opcheck_kernel_ops():
     q, k, v = _qkv((1, 4, 2, 7, 9, 8, 12))
-    mask = _bool_mask(1, 1, 7, 9).expand(1, 4, 7, 9)
+    mask = bool_mask(1, 1, 7, 9).expand(1, 4, 7, 9)
     args = (q, k, v, mask, torch.rand(1, 9) < 0.2, True, 0.2, 0.5, 11, True,
             *cpu_backend._NO_BLOCKS)
     torch.library.opcheck(torch.ops.mmattn.fused_attention_fwd.default, args)
@@ -361,7 +327,7 @@ def test_opcheck_attention_forward_with_cpu_backend():
 
 def test_torch_compile_fullgraph():
     q, k, v = _qkv((2, 4, 2, 16, 24, 16, 16))
-    mask = _bool_mask(2, 1, 16, 24)
+    mask = bool_mask(2, 1, 16, 24)
 
     def f(q, k, v):
         return cross_attention(q, k, v, attn_mask=mask, backend="cpu").sum()
@@ -406,9 +372,9 @@ def _check_block_mask(q, k, v, block_mask, grads=True, **kwargs):
     b, hq, lq, _ = q.shape
     dense = block_mask.to_dense()
     grad_out = torch.randn(b, hq, lq, v.shape[-1]) if grads else None
-    ours = _run(q, k, v, "cpu", torch.float32, grad_out, block_mask=block_mask, **kwargs)
-    ref = _run(q, k, v, "reference", torch.float32, grad_out, attn_mask=dense, **kwargs)
-    oracle = _run(q, k, v, "reference", torch.float64, grad_out, attn_mask=dense, **kwargs)
+    ours = run_attention(q, k, v, "cpu", torch.float32, grad_out, block_mask=block_mask, **kwargs)
+    ref = run_attention(q, k, v, "reference", torch.float32, grad_out, attn_mask=dense, **kwargs)
+    oracle = run_attention(q, k, v, "reference", torch.float64, grad_out, attn_mask=dense, **kwargs)
     assert_within_rule(ours[0], ref[0], oracle[0], name="out")
     if kwargs.get("return_weights"):
         assert_within_rule(ours[1], ref[1], oracle[1], name="weights")
@@ -544,9 +510,9 @@ def test_block_mask_never_touches_empty_blocks():
     k_nan[:, :, 64:128] = math.nan
     v_nan[:, :, 64:128] = math.nan
     grad_out = torch.randn(1, 2, lq, 32)
-    out, _, (dq, dk, dv) = _run(q, k_nan, v_nan, "cpu", torch.float32, grad_out,
+    out, _, (dq, dk, dv) = run_attention(q, k_nan, v_nan, "cpu", torch.float32, grad_out,
                                 block_mask=block_mask)
-    ref_out, _, (rq, rk, rv) = _run(q, k, v, "reference", torch.float64, grad_out,
+    ref_out, _, (rq, rk, rv) = run_attention(q, k, v, "reference", torch.float64, grad_out,
                                     attn_mask=block_mask.to_dense())
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dq.double(), rq, rtol=1e-4, atol=1e-5)

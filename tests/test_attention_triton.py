@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from cases import MASK_CASES, bool_mask, run_attention
 from tolerance import assert_within_rule, max_error
 
 import mmattn
@@ -65,32 +66,6 @@ def _qkv(shape, dtype=torch.float32, layout="bhld", device="cpu", amplitude=1.0)
     return tuple((t * amplitude).to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def _run(q, k, v, backend, dtype, grad_out=None, **kwargs):
-    """Output, weights (or None) and input grads of cross_attention at ``dtype``; for
-    the float64 oracle the inputs move to the CPU."""
-    device = "cpu" if dtype == torch.float64 else q.device
-
-    def cast(t):
-        return t.detach().to(device=device, dtype=dtype).requires_grad_(grad_out is not None)
-
-    qc, kc, vc = cast(q), cast(k), cast(v)
-    for name in ("attn_mask", "key_padding_mask"):
-        mask = kwargs.get(name)
-        if mask is not None:
-            if mask.is_floating_point() and dtype == torch.float64:
-                mask = mask.double()
-            kwargs[name] = mask.to(device)
-    if kwargs.get("block_mask") is not None:
-        kwargs["block_mask"] = kwargs["block_mask"].to(device)
-    res = cross_attention(qc, kc, vc, backend=backend, **kwargs)
-    out, weights = res if kwargs.get("return_weights") else (res, None)
-    grads = None
-    if grad_out is not None:
-        out.backward(grad_out.to(device=device, dtype=dtype))
-        grads = (qc.grad, kc.grad, vc.grad)
-    return out.detach(), None if weights is None else weights.detach(), grads
-
-
 def check_against_reference(q, k, v, *, grads=True, dtype=torch.float32, oracle_kwargs=None,
                             **kwargs):
     """Assert the triton backend obeys the tolerance rule for out, weights and grads;
@@ -99,9 +74,9 @@ def check_against_reference(q, k, v, *, grads=True, dtype=torch.float32, oracle_
     b, hq, lq, _ = q.shape
     grad_out = torch.randn(b, hq, lq, v.shape[-1], device=q.device) if grads else None
     ref_kwargs = kwargs if oracle_kwargs is None else oracle_kwargs
-    ours = _run(q, k, v, "triton", dtype, grad_out, **dict(kwargs))
-    ref = _run(q, k, v, "reference", dtype, grad_out, **dict(ref_kwargs))
-    oracle = _run(q, k, v, "reference", torch.float64, grad_out, **dict(ref_kwargs))
+    ours = run_attention(q, k, v, "triton", dtype, grad_out, **dict(kwargs))
+    ref = run_attention(q, k, v, "reference", dtype, grad_out, **dict(ref_kwargs))
+    oracle = run_attention(q, k, v, "reference", torch.float64, grad_out, **dict(ref_kwargs))
     assert ours[0].dtype == dtype
     assert_within_rule(ours[0].cpu(), ref[0].cpu(), oracle[0], name="out")
     if kwargs.get("return_weights"):
@@ -205,7 +180,7 @@ def test_long_key_sums_keep_reference_accuracy(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_with_grads(device):
     q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 1, 16, 24, 16, 16), device=device))
-    mask = _bool_mask(1, 1, 16, 24).to(device)
+    mask = bool_mask(1, 1, 16, 24).to(device)
 
     def f(q, k, v):
         return cross_attention(q, k, v, attn_mask=mask, is_causal=True, backend="triton")
@@ -254,7 +229,7 @@ def test_half_precision_gqa_dropout_and_block_mask(device):
 @pytest.mark.parametrize("lq,lk", [(0, 9), (9, 0), (0, 0)])
 def test_zero_lengths(lq, lk, device):
     q, k, v = _qkv((2, 2, 1, lq, lk, 8, 4), device=device)
-    out, weights, grads = _run(q, k, v, "triton", torch.float32,
+    out, weights, grads = run_attention(q, k, v, "triton", torch.float32,
                                torch.randn(2, 2, lq, 4, device=device), return_weights=True)
     assert out.shape == (2, 2, lq, 4) and weights.shape == (2, 2, lq, lk)
     assert not out.any() and not weights.any()
@@ -319,23 +294,6 @@ def test_lse_gradient_is_computed_by_the_kernels(device, monkeypatch):
 # ---------------------------------------------------------------- masks
 
 
-def _bool_mask(*shape, keep=0.7):
-    return torch.rand(*shape) < keep
-
-
-MASK_CASES = {
-    "bool-full": lambda b, h, lq, lk: _bool_mask(b, h, lq, lk),
-    "bool-broadcast-2d": lambda b, h, lq, lk: _bool_mask(lq, lk),
-    "bool-per-key": lambda b, h, lq, lk: _bool_mask(b, 1, 1, lk),
-    "bool-per-query": lambda b, h, lq, lk: _bool_mask(1, h, lq, 1, keep=0.8),
-    "bool-expanded-view": lambda b, h, lq, lk: _bool_mask(1, 1, lq, lk).expand(b, h, lq, lk),
-    "bool-transposed": lambda b, h, lq, lk: _bool_mask(b, h, lk, lq).transpose(-1, -2),
-    "float-2d": lambda b, h, lq, lk: torch.randn(lq, lk),
-    "float-with-inf": lambda b, h, lq, lk: torch.randn(b, 1, lq, lk).masked_fill(
-        _bool_mask(b, 1, lq, lk, keep=0.4), -math.inf),
-    "float-bf16": lambda b, h, lq, lk: torch.randn(h, lq, lk).bfloat16(),
-    "float16-per-key": lambda b, h, lq, lk: torch.randn(b, 1, 1, lk).half(),
-}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -362,7 +320,7 @@ def test_broadcast_masks_are_read_in_place(monkeypatch):
         original(self, q, k, v, attn_mask, *rest)
 
     monkeypatch.setattr(kernels._Problem, "__init__", spy)
-    mask = _bool_mask(7, 9)
+    mask = bool_mask(7, 9)
     q, k, v = _qkv((2, 3, 3, 7, 9, 8, 8))
     cross_attention(q, k, v, attn_mask=mask, backend="triton")
     assert seen[0].data_ptr() == mask.data_ptr() and seen[0].stride()[:2] == (0, 0)
@@ -390,7 +348,7 @@ def test_key_padding_mask_with_a_fully_padded_batch(device):
 def test_all_masks_combined(device):
     b, h, lq, lk = 2, 4, 70, 90
     q, k, v = _qkv((b, h, 2, lq, lk, 32, 32), device=device)
-    check_against_reference(q, k, v, attn_mask=_bool_mask(1, h, lq, lk),
+    check_against_reference(q, k, v, attn_mask=bool_mask(1, h, lq, lk),
                             key_padding_mask=torch.rand(b, lk) < 0.2, is_causal=True,
                             return_weights=True)
 
@@ -398,7 +356,7 @@ def test_all_masks_combined(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_rows_give_zeros_never_nan(device):
     q, k, v = _qkv((2, 2, 2, 12, 20, 16, 16), device=device)
-    mask = _bool_mask(2, 2, 12, 20)
+    mask = bool_mask(2, 2, 12, 20)
     mask[:, :, 3] = False  # row 3 sees no key
     float_mask = torch.zeros(2, 2, 12, 20).masked_fill(~mask, -math.inf)
     for m in (mask, float_mask):
@@ -448,7 +406,7 @@ def test_dropout_without_weights_and_with_masks(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_one_drops_everything(device):
     q, k, v = _qkv((1, 2, 2, 9, 13, 8, 8), device=device)
-    out, weights, grads = _run(q, k, v, "triton", torch.float32,
+    out, weights, grads = run_attention(q, k, v, "triton", torch.float32,
                                torch.randn(1, 2, 9, 8, device=device), dropout_p=1.0,
                                dropout_seed=3, return_weights=True)
     assert not out.any() and not weights.any() and not any(g.any() for g in grads)
@@ -544,7 +502,7 @@ def test_block_mask_with_other_masks_and_dropout(case, device):
     block_mask = BlockMask.from_dense_mask(_block_structured_mask(bm, hm, lq, lk, bq, bk, 3),
                                            (bq, bk))
     (_, weights, _), (_, ref_weights, _) = _check_block_mask(
-        q, k, v, block_mask, attn_mask=_bool_mask(b, 1, lq, lk, keep=0.9), is_causal=True,
+        q, k, v, block_mask, attn_mask=bool_mask(b, 1, lq, lk, keep=0.9), is_causal=True,
         key_padding_mask=torch.rand(b, lk) < 0.2, dropout_p=0.3, dropout_seed=77,
         return_weights=True)
     assert torch.equal(weights.cpu() == 0, ref_weights.cpu() == 0)
@@ -586,9 +544,9 @@ def test_block_mask_never_touches_empty_blocks(device):
     k_nan[:, :, 64:128] = math.nan
     v_nan[:, :, 64:128] = math.nan
     grad_out = torch.randn(1, 2, lq, 32, device=device)
-    out, _, (dq, dk, dv) = _run(q, k_nan, v_nan, "triton", torch.float32, grad_out,
+    out, _, (dq, dk, dv) = run_attention(q, k_nan, v_nan, "triton", torch.float32, grad_out,
                                 block_mask=block_mask)
-    ref_out, _, (rq, rk, rv) = _run(q, k, v, "reference", torch.float64, grad_out,
+    ref_out, _, (rq, rk, rv) = run_attention(q, k, v, "reference", torch.float64, grad_out,
                                     attn_mask=block_mask.to_dense())
     torch.testing.assert_close(out.double().cpu(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dq.double().cpu(), rq, rtol=1e-4, atol=1e-5)
@@ -622,7 +580,7 @@ def test_partial_masks_smaller_than_the_block_are_read_with_their_own_shape(devi
         results.append((out, lse, weights, *grads[:3]))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
-    ref = _run(q, k, v, "reference", torch.float64, grad_out, attn_mask=dense, scale=0.25)
+    ref = run_attention(q, k, v, "reference", torch.float64, grad_out, attn_mask=dense, scale=0.25)
     torch.testing.assert_close(results[1][0].double().cpu(), ref[0], rtol=1e-5, atol=1e-5)
 
 
@@ -635,7 +593,7 @@ def test_gradients_are_bitwise_reproducible(device):
     block_mask = BlockMask.from_dense_mask(_block_structured_mask(1, 1, 50, 70, 32, 32, 9),
                                            (32, 32))
     grad_out = torch.randn(1, 4, 50, 32, device=device)
-    runs = [_run(q, k, v, "triton", torch.float32, grad_out, block_mask=block_mask,
+    runs = [run_attention(q, k, v, "triton", torch.float32, grad_out, block_mask=block_mask,
                  dropout_p=0.1, dropout_seed=4)[2] for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

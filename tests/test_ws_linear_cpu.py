@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import run_ws_linear, ws_layout, ws_values
 from tolerance import assert_within_rule
 
 import mmattn
@@ -19,29 +20,6 @@ pytestmark = pytest.mark.skipif(not has_kernel("ws_spmm", "CPU"),
                                 reason="mmattn._C has no CPU ws_spmm kernel")
 
 
-def _layout(out_features: int, in_features: int, density: float, block_size: int = 1,
-            empty_rows: bool = True) -> SparseLayout:
-    mask = torch.rand(out_features, in_features) < density
-    if empty_rows and out_features > 2:
-        mask[out_features // 2] = False  # a row with no edges: output is the bias only
-        mask[:, 0] = False  # an input feature no output reads: its dx is 0
-    return SparseLayout.from_mask(mask, block_size=block_size)
-
-
-def _values(layout: SparseLayout) -> torch.Tensor:
-    bs = layout.block_size
-    shape = (layout.nnz,) if bs == 1 else (layout.nnz, bs, bs)
-    return torch.randn(shape, dtype=F64)
-
-
-def _run(x, values, layout, bias, grad_y, backend):
-    """Output and gradients (dx, d_values, d_bias) of ws_linear through autograd."""
-    x = x.detach().requires_grad_()
-    values = values.detach().requires_grad_()
-    bias = None if bias is None else bias.detach().requires_grad_()
-    y = mmattn.ws_linear(x, values, layout, bias, backend=backend)
-    y.backward(grad_y)
-    return y, x.grad, values.grad, None if bias is None else bias.grad
 
 
 def _check_against_oracle(layout, leading, dtype, with_bias=True, x_view=None):
@@ -49,18 +27,18 @@ def _check_against_oracle(layout, leading, dtype, with_bias=True, x_view=None):
     tolerance rule (the same-dtype reference sets the bound); ``x_view`` makes x strided."""
     base = torch.randn(*leading, layout.in_features, dtype=F64)
     view = x_view or (lambda t: t)
-    values64 = _values(layout)
+    values64 = ws_values(layout)
     bias64 = torch.randn(layout.out_features, dtype=F64) if with_bias else None
     x64 = view(base)
     grad64 = torch.randn(*x64.shape[:-1], layout.out_features, dtype=F64)
-    oracle = _run(x64, values64, layout, bias64, grad64, "reference")
+    oracle = run_ws_linear(x64, values64, layout, bias64, grad64, "reference")
 
     def cast(t):
         return None if t is None else t.to(dtype)
 
     args = (view(base.to(dtype)), cast(values64), layout, cast(bias64), cast(grad64))
-    ref = _run(*args, "reference")
-    ours = _run(*args, "cpu")
+    ref = run_ws_linear(*args, "reference")
+    ours = run_ws_linear(*args, "cpu")
     for name, a, r, o in zip(("y", "dx", "dweight", "dbias"), ours, ref, oracle, strict=True):
         if o is None:
             assert a is None
@@ -74,21 +52,21 @@ def _check_against_oracle(layout, leading, dtype, with_bias=True, x_view=None):
 @pytest.mark.parametrize("leading", [(1,), (5,), (40,)])
 def test_element_layout_forward_and_gradients_float32(out_features, in_features, density,
                                                       leading):
-    layout = _layout(out_features, in_features, density)
+    layout = ws_layout(out_features, in_features, density)
     _check_against_oracle(layout, leading, torch.float32)
 
 
 @pytest.mark.parametrize("leading", [(), (2, 3), (300,)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_leading_shapes_and_bias(leading, with_bias):
-    layout = _layout(97, 64, 0.1)
+    layout = ws_layout(97, 64, 0.1)
     _check_against_oracle(layout, leading, torch.float32, with_bias=with_bias)
 
 
 @pytest.mark.parametrize("block_size", [3, 16, 32])
 @pytest.mark.parametrize("out_features,in_features", [(7, 7), (97, 70), (64, 128)])
 def test_block_layout(block_size, out_features, in_features):
-    layout = _layout(out_features, in_features, 0.05, block_size=block_size, empty_rows=False)
+    layout = ws_layout(out_features, in_features, 0.05, block_size=block_size, empty_rows=False)
     _check_against_oracle(layout, (1,), torch.float32)
     _check_against_oracle(layout, (2, 11), torch.float32)
 
@@ -96,7 +74,7 @@ def test_block_layout(block_size, out_features, in_features):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_half_precision_inputs(dtype, block_size):
-    layout = _layout(97, 130, 0.05, block_size=block_size)
+    layout = ws_layout(97, 130, 0.05, block_size=block_size)
     _check_against_oracle(layout, (37,), dtype)
 
 
@@ -107,15 +85,15 @@ def test_non_contiguous_inputs():
     def every_other_column(t):  # feature stride 2
         return t.repeat_interleave(2, dim=-1)[..., ::2]
 
-    layout = _layout(33, 50, 0.1)
+    layout = ws_layout(33, 50, 0.1)
     _check_against_oracle(layout, (6, 4), torch.float32, x_view=leading_transposed)
     _check_against_oracle(layout, (20,), torch.float32, x_view=every_other_column)
-    _check_against_oracle(_layout(33, 50, 0.1, block_size=8), (20,), torch.float32,
+    _check_against_oracle(ws_layout(33, 50, 0.1, block_size=8), (20,), torch.float32,
                           x_view=every_other_column)
 
 
 def test_empty_batch_and_empty_layout():
-    layout = _layout(9, 5, 0.5)
+    layout = ws_layout(9, 5, 0.5)
     x = torch.randn(0, 5, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     bias = torch.randn(9, requires_grad=True)
@@ -132,11 +110,11 @@ def test_empty_batch_and_empty_layout():
 @pytest.mark.parametrize("block_size", [1, 8])
 @pytest.mark.parametrize("wanted", ["x", "weight", "bias", "weight+bias"])
 def test_only_the_wanted_gradients_are_computed(block_size, wanted):
-    layout = _layout(40, 56, 0.1, block_size=block_size)
+    layout = ws_layout(40, 56, 0.1, block_size=block_size)
     x = torch.randn(3, 56, dtype=F64)
-    values64, bias64 = _values(layout), torch.randn(40, dtype=F64)
+    values64, bias64 = ws_values(layout), torch.randn(40, dtype=F64)
     grad = torch.randn(3, 40, dtype=F64)
-    oracle = _run(x, values64, layout, bias64, grad, "reference")[1:]
+    oracle = run_ws_linear(x, values64, layout, bias64, grad, "reference")[1:]
     leaves = [x.float(), values64.float(), bias64.float()]
     names = ("x", "weight", "bias")
     for leaf, name in zip(leaves, names, strict=True):
@@ -150,7 +128,7 @@ def test_only_the_wanted_gradients_are_computed(block_size, wanted):
 
 
 def test_results_do_not_depend_on_thread_count():
-    layout = _layout(500, 400, 0.02)
+    layout = ws_layout(500, 400, 0.02)
     x = torch.randn(300, 400, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     bias = torch.randn(500, requires_grad=True)
@@ -182,7 +160,7 @@ def test_automatic_choice_uses_the_kernel_and_float64_uses_the_reference():
 
 
 def test_bad_input_raises_before_any_kernel():
-    layout = _layout(6, 8, 0.5)
+    layout = ws_layout(6, 8, 0.5)
     x = torch.randn(3, 8)
     w = torch.randn(layout.nnz)
     with pytest.raises(ValueError, match="in_features"):
@@ -196,7 +174,7 @@ def test_bad_input_raises_before_any_kernel():
 
 
 def test_cpp_ops_reject_malformed_layouts():
-    layout = _layout(6, 8, 0.5)
+    layout = ws_layout(6, 8, 0.5)
     crow, col = layout.crow_indices, layout.col_indices
     x, w = torch.randn(3, 8), torch.randn(layout.nnz)
     bad_col = col.clone()
@@ -222,7 +200,7 @@ def test_cpp_ops_reject_malformed_layouts():
 
 
 def test_eager_path_matches_the_custom_op():
-    layout = _layout(40, 30, 0.2)
+    layout = ws_layout(40, 30, 0.2)
     x = torch.randn(2, 5, 30, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     index = layout.index_tensors()
@@ -236,7 +214,7 @@ def test_eager_path_matches_the_custom_op():
 
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_opcheck_cpp_ops(block_size):
-    layout = _layout(10, 13, 0.3, block_size=block_size, empty_rows=False)
+    layout = ws_layout(10, 13, 0.3, block_size=block_size, empty_rows=False)
     bs = block_size
     x = torch.randn(6, 13)
     values = torch.randn((layout.nnz,) if bs == 1 else (layout.nnz, bs, bs))
@@ -258,7 +236,7 @@ def test_opcheck_cpp_ops(block_size):
 
 
 def test_opcheck_ws_linear_with_cpu_backend():
-    layout = _layout(6, 9, 0.4, empty_rows=False)
+    layout = ws_layout(6, 9, 0.4, empty_rows=False)
     x = torch.randn(2, 4, 9, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     bias = torch.randn(6, requires_grad=True)
@@ -298,9 +276,9 @@ def test_long_rows_at_every_input_scale(amp, out_features, in_features, density,
     x = torch.randn(40, in_features, generator=g, dtype=F64) * amp
     bias = torch.randn(out_features, generator=g, dtype=F64)
     grad = torch.randn(40, out_features, generator=g, dtype=F64)
-    oracle = _run(x, values, layout, bias, grad, "reference")
+    oracle = run_ws_linear(x, values, layout, bias, grad, "reference")
     args = (x.float(), values.float(), layout, bias.float(), grad.float())
-    ref, ours = _run(*args, "reference"), _run(*args, "cpu")
+    ref, ours = run_ws_linear(*args, "reference"), run_ws_linear(*args, "cpu")
     for name, a, r, o in zip(("y", "dx", "dweight", "dbias"), ours, ref, oracle, strict=True):
         assert_within_rule(a, r, o, name=name)
         if name in ("y", "dx"):

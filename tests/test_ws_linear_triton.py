@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import run_ws_linear, ws_layout, ws_values
 from tolerance import assert_within_rule
 
 import mmattn
@@ -24,29 +25,6 @@ DEVICES = [
 ]
 
 
-def _layout(out_features: int, in_features: int, density: float, block_size: int = 1,
-            empty_rows: bool = True) -> SparseLayout:
-    mask = torch.rand(out_features, in_features) < density
-    if empty_rows and out_features > 2:
-        mask[out_features // 2] = False  # a row with no edges: output is the bias only
-        mask[:, 0] = False  # an input feature no output reads: its dx is 0
-    return SparseLayout.from_mask(mask, block_size=block_size)
-
-
-def _values(layout: SparseLayout) -> torch.Tensor:
-    bs = layout.block_size
-    shape = (layout.nnz,) if bs == 1 else (layout.nnz, bs, bs)
-    return torch.randn(shape, dtype=F64)
-
-
-def _run(x, values, layout, bias, grad_y, backend):
-    """Output and gradients (dx, d_values, d_bias) of ws_linear through autograd."""
-    x = x.detach().requires_grad_()
-    values = values.detach().requires_grad_()
-    bias = None if bias is None else bias.detach().requires_grad_()
-    y = mmattn.ws_linear(x, values, layout, bias, backend=backend)
-    y.backward(grad_y)
-    return y, x.grad, values.grad, None if bias is None else bias.grad
 
 
 def _check(layout, leading, dtype, device="cpu", with_bias=True, x_view=None, amplitude=1.0):
@@ -54,18 +32,18 @@ def _check(layout, leading, dtype, device="cpu", with_bias=True, x_view=None, am
     same-dtype reference sets the bound; ``x_view`` makes x strided."""
     base = torch.randn(*leading, layout.in_features, dtype=F64) * amplitude
     view = x_view or (lambda t: t)
-    values64 = _values(layout)
+    values64 = ws_values(layout)
     bias64 = torch.randn(layout.out_features, dtype=F64) if with_bias else None
     x64 = view(base)
     grad64 = torch.randn(*x64.shape[:-1], layout.out_features, dtype=F64)
-    oracle = _run(x64, values64, layout, bias64, grad64, "reference")
+    oracle = run_ws_linear(x64, values64, layout, bias64, grad64, "reference")
 
     def cast(t, dev):
         return None if t is None else t.to(device=dev, dtype=dtype)
 
-    ref = _run(view(base.to(dtype)), cast(values64, "cpu"), layout, cast(bias64, "cpu"),
+    ref = run_ws_linear(view(base.to(dtype)), cast(values64, "cpu"), layout, cast(bias64, "cpu"),
                cast(grad64, "cpu"), "reference")
-    ours = _run(view(base.to(device=device, dtype=dtype)), cast(values64, device), layout,
+    ours = run_ws_linear(view(base.to(device=device, dtype=dtype)), cast(values64, device), layout,
                 cast(bias64, device), cast(grad64, device), "triton")
     for name, a, r, o in zip(("y", "dx", "dweight", "dbias"), ours, ref, oracle, strict=True):
         if o is None:
@@ -81,14 +59,14 @@ def _check(layout, leading, dtype, device="cpu", with_bias=True, x_view=None, am
 @pytest.mark.parametrize("leading", [(1,), (40,)])
 def test_element_layout_forward_and_gradients(out_features, in_features, density, leading,
                                               device):
-    _check(_layout(out_features, in_features, density), leading, torch.float32, device)
+    _check(ws_layout(out_features, in_features, density), leading, torch.float32, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("leading", [(), (2, 3), (100,)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_leading_shapes_and_bias(leading, with_bias, device):
-    _check(_layout(97, 64, 0.1), leading, torch.float32, device, with_bias=with_bias)
+    _check(ws_layout(97, 64, 0.1), leading, torch.float32, device, with_bias=with_bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,7 +76,7 @@ def test_leading_shapes_and_bias(leading, with_bias, device):
 def test_block_layout(block_size, out_features, in_features, device):
     """Block sizes below, at and above the 64-wide tile (100: 2 x 2 sub-tiles per block),
     edge blocks cropped."""
-    layout = _layout(out_features, in_features, 0.1, block_size=block_size, empty_rows=False)
+    layout = ws_layout(out_features, in_features, 0.1, block_size=block_size, empty_rows=False)
     _check(layout, (2, 11), torch.float32, device)
 
 
@@ -106,7 +84,7 @@ def test_block_layout(block_size, out_features, in_features, device):
 @pytest.mark.parametrize("amplitude", [1.0, 3.0, 10.0])
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_half_precision_and_amplitudes(block_size, amplitude, device):
-    layout = _layout(97, 130, 0.05, block_size=block_size)
+    layout = ws_layout(97, 130, 0.05, block_size=block_size)
     dtypes = [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
     for dtype in dtypes:
         _check(layout, (37,), dtype, device, amplitude=amplitude)
@@ -120,16 +98,16 @@ def test_non_contiguous_inputs(device):
     def every_other_column(t):  # feature stride 2
         return t.repeat_interleave(2, dim=-1)[..., ::2]
 
-    layout = _layout(33, 50, 0.1)
+    layout = ws_layout(33, 50, 0.1)
     _check(layout, (6, 4), torch.float32, device, x_view=leading_transposed)
     _check(layout, (20,), torch.float32, device, x_view=every_other_column)
-    _check(_layout(33, 50, 0.1, block_size=8), (20,), torch.float32, device,
+    _check(ws_layout(33, 50, 0.1, block_size=8), (20,), torch.float32, device,
            x_view=every_other_column)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_and_empty_layout(device):
-    layout = _layout(9, 5, 0.5).to(device)
+    layout = ws_layout(9, 5, 0.5).to(device)
     x = torch.randn(0, 5, device=device, requires_grad=True)
     values = torch.randn(layout.nnz, device=device, requires_grad=True)
     bias = torch.randn(9, device=device, requires_grad=True)
@@ -148,11 +126,11 @@ def test_empty_batch_and_empty_layout(device):
 @pytest.mark.parametrize("block_size", [1, 8])
 @pytest.mark.parametrize("wanted", ["x", "weight", "bias", "weight+bias"])
 def test_only_the_wanted_gradients_are_computed(block_size, wanted, device, monkeypatch):
-    layout = _layout(40, 56, 0.1, block_size=block_size)
+    layout = ws_layout(40, 56, 0.1, block_size=block_size)
     x = torch.randn(3, 56, dtype=F64)
-    values64, bias64 = _values(layout), torch.randn(40, dtype=F64)
+    values64, bias64 = ws_values(layout), torch.randn(40, dtype=F64)
     grad = torch.randn(3, 40, dtype=F64)
-    oracle = _run(x, values64, layout, bias64, grad, "reference")[1:]
+    oracle = run_ws_linear(x, values64, layout, bias64, grad, "reference")[1:]
     leaves = [t.float().to(device) for t in (x, values64, bias64)]
     names = ("x", "weight", "bias")
     wanted = wanted.split("+")
@@ -187,9 +165,9 @@ def test_only_the_wanted_gradients_are_computed(block_size, wanted, device, monk
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_results_are_bitwise_reproducible(block_size, device):
-    layout = _layout(100, 80, 0.1, block_size=block_size)
+    layout = ws_layout(100, 80, 0.1, block_size=block_size)
     x = torch.randn(70, 80, device=device, requires_grad=True)
-    values = _values(layout).float().to(device).requires_grad_()
+    values = ws_values(layout).float().to(device).requires_grad_()
     bias = torch.randn(100, device=device, requires_grad=True)
     results = []
     for _ in range(2):
@@ -218,7 +196,7 @@ def test_unsupported_dtypes_name_the_reason():
 def test_opcheck_ws_linear_with_triton_backend():
     if not CPU_OK:
         pytest.skip("Triton interpreter unavailable")
-    layout = _layout(6, 9, 0.4, empty_rows=False)
+    layout = ws_layout(6, 9, 0.4, empty_rows=False)
     x = torch.randn(2, 4, 9, requires_grad=True)
     values = torch.randn(layout.nnz, requires_grad=True)
     bias = torch.randn(6, requires_grad=True)
