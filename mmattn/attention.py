@@ -7,6 +7,7 @@ import numbers
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmattn import backends, dispatch, ops
@@ -339,7 +340,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     float, broadcastable to ``(B, Hq, Lq, Lk)``; ``key_padding_mask`` None or bool
     ``(B, Lk)``; ``dropout_p`` in [0, 1]; ``scale`` a float. ``block_mask`` comes from
     the module's caller and is checked as :func:`cross_attention` does.
-    Returns ``(out, weights)``, weights None unless ``return_weights``.
+    Returns ``(out, weights)``, weights None unless ``return_weights``. Small plain calls
+    under automatic choice run ``F.scaled_dot_product_attention``
+    (:func:`mmattn.dispatch.module_call_to_sdpa`).
     """
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
@@ -355,6 +358,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     call = AttentionCall(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p,
                          return_weights, None if block_size is None else tuple(block_size),
                          grad)
+    if dispatch.module_call_to_sdpa(call):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale), None
     out, _, weights = _run(call, block_tensors, block_size, scale, None, None, False)
     return out, weights
 

@@ -270,7 +270,9 @@ def test_report_names_layers_whose_inference_runs_pytorchs_kernel(monkeypatch) -
     assert [path for path, _, _ in report.not_mmattn] == ["layers.0", "layers.1"]
     assert "not mmattn layers.0 in eval mode without autograd" in str(report)
     assert "set_fastpath_enabled(False)" in str(report)
-    x = torch.randn(2, 5, 16)
+    # B * H * L * L * head_dim = 2**18: above the small-call rule's limit
+    # (dispatch.module_call_to_sdpa), within the native fast path's
+    x = torch.randn(4, 64, 16)
     with torch.no_grad():
         fast(x)
     assert calls == []  # as reported: PyTorch's fused layer kernel ran

@@ -399,3 +399,42 @@ def test_compiled_backward_with_strided_inputs():
     base.grad = None
     layer(base).backward()
     torch.testing.assert_close(expected, base.grad)
+
+
+def test_module_small_plain_calls_run_sdpa_and_others_a_backend(monkeypatch):
+    """dispatch.module_call_to_sdpa: a small plain call from an nn module runs
+    F.scaled_dot_product_attention; masks, dropout, weights, a backend context or work
+    at the limit send it to mmattn's op. Results match torch's module either way."""
+    from mmattn import dispatch, ops
+    from mmattn.nn import MultiheadAttention
+
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 2, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 16, requires_grad=True)
+
+    def run(**kwargs):
+        calls.clear()
+        out, _ = ours(x, x, x, **kwargs)
+        ref, _ = theirs(x, x, x, **kwargs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        return len(calls)
+
+    assert run(need_weights=False) == 0
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(8)
+    assert run(need_weights=False, attn_mask=causal, is_causal=True) == 0
+    assert run(need_weights=True) == 1
+    assert run(need_weights=False, attn_mask=causal) == 1
+    assert run(need_weights=False, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool)) == 1
+    with mmattn.use_backend("cpu"):
+        assert run(need_weights=False) == 1
+    monkeypatch.setattr(dispatch, "MODULE_SDPA_MAX_WORK_GRAD", 2 * 2 * 8 * 8 * 8)
+    assert run(need_weights=False) == 1  # work == limit
+    ours.dropout = 0.5
+    calls.clear()
+    ours(x, x, x, need_weights=False)
+    assert len(calls) == 1  # mmattn's Philox dropout

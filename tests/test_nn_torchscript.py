@@ -29,6 +29,16 @@ pytestmark = [  # PyTorch's own notices about the APIs under test
 E, H, N, L, S = 8, 2, 3, 4, 5
 
 
+@pytest.fixture(autouse=True)
+def _one_kernel_for_eager_and_scripted():
+    """Eager modules send small plain calls to SDPA (``dispatch.module_call_to_sdpa``);
+    scripted ones always call mmattn's op, whose automatic choice follows the same thread
+    context. Under a backend context both run the same kernel, so results compare
+    exactly (test_scripted_and_eager_agree_without_a_context covers the default)."""
+    with mmattn.use_backend("cpu"):
+        yield
+
+
 def _exact(actual, expected) -> None:
     """Scripted and eager run the same kernels on the same inputs: equal results."""
     if expected is None:
@@ -269,3 +279,16 @@ def test_export_of_modules_matches_eager() -> None:
     q, kv = torch.randn(2, 3, 16), torch.randn(2, 7, 12)
     exported = torch.export.export(cross, (q, kv, kv))
     _exact(exported.module()(q, kv, kv)[0], cross(q, kv, kv)[0])
+
+
+def test_scripted_and_eager_agree_without_a_context() -> None:
+    """Without a backend context a small plain call runs SDPA in eager mode and mmattn's
+    kernel when scripted: the same function, equal to float32 rounding."""
+    torch.manual_seed(0)
+    module = MultiheadAttention(E, H).train()
+    scripted = torch.jit.script(module)
+    query, key, value = _mha_inputs({})
+    with mmattn.use_backend(None):
+        eager_out, _ = module(query, key, value, need_weights=False)
+        scripted_out, _ = scripted(query, key, value, need_weights=False)
+    torch.testing.assert_close(scripted_out, eager_out, rtol=1e-6, atol=1e-6)
