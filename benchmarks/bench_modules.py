@@ -16,9 +16,10 @@ Cases (float32; whole module calls, projections included):
 - seed 002's ``WSMultiModalFusion`` at its own size (3 x 64 features, k=6, batch 8),
   forward and forward+backward.
 
-mmattn's module runs on each backend under ``mmattn.use_backend``. The reference is
-mmattn's module on the reference backend in float64 (CPU); forward+backward compares the
-output and the input gradients.
+mmattn's module runs as a user gets it (``mmattn[auto]``: automatic choice) and on each
+backend under ``mmattn.use_backend``; the README's modules table shows the auto row. The
+reference is mmattn's module on the reference backend in float64 (CPU); forward+backward
+compares the output and the input gradients.
 """
 
 from __future__ import annotations
@@ -201,6 +202,10 @@ def build(case: Case, selection: Selection) -> Built:
         impls.append(make("mmattn.nn (op -> SDPA)", "mmattn", ours, _op_is_sdpa,
                           note="diagnostic: the module code without mmattn's op"))
     else:
+        # what a user gets: automatic choice, no context (small plain calls run SDPA,
+        # eval self-attention below NATIVE_INFERENCE_MAX_WORK torch's fused kernel)
+        impls.append(make("mmattn[auto]", "mmattn", ours, contextlib.nullcontext,
+                          backend="auto"))
         for backend in selection.backends:
             impl = make(f"mmattn[{backend}]", "mmattn", ours,
                         lambda backend=backend: mmattn.use_backend(backend), backend=backend)

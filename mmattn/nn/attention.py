@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmattn import dispatch
 from mmattn.attention import attend, attend_scripted, broadcasts_to, cross_attention
 from mmattn.block_mask import BlockMask
 
@@ -57,7 +58,8 @@ whose attention work ``B * Lq * Lk * embed_dim`` is at most this, runs
 PyTorch's result -- called directly. One fused C++ call beats any path made of separate
 operations at such sizes (E64 L8: 39 us against ~80 us on the 2-core dev VM; mmattn's
 kernel path overtakes it near 1M multiply-adds). Set it to 0 to run mmattn's kernel
-for every call (``torch.backends.mha.set_fastpath_enabled(False)`` does too).
+for every call (``torch.backends.mha.set_fastpath_enabled(False)`` does too, and so does a
+:func:`mmattn.use_backend` context or ``MMATTN_BACKEND``).
 """
 
 
@@ -319,6 +321,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         conditions, and a size at most that. Eager mode only."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False  # traced graphs hold mmattn's custom op
+        if dispatch.forced_backend() is not None:
+            return False  # a backend context asks for mmattn's kernels
         if self.training or not self.batch_first or not self._qkv_same_embed_dim or \
                 self.bias_k is not None or self.add_zero_attn or self.num_heads % 2:
             return False
