@@ -273,3 +273,20 @@ REGRESSIONS = [
 @pytest.mark.parametrize(("op", "case"), REGRESSIONS)
 def test_fuzz_regressions(op, case):
     harness.run(op, case)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known: the portable (no AVX2) CPU build's dq is 2.7x the worst "
+                          "float32 reference on this near-tie case at logits near 900 "
+                          "(AVX2/AVX-512 builds: 1.0x); found by MMATTN_FUZZ_SEED=7")
+def test_fuzz_known_failure_generic_cpu_build():
+    harness.run("block_mask", {
+        "lengths": (65, 65),
+        "spec": {"combine": "&",
+                 "left": {"kind": "dense", "blocks": (16, 100), "seed": 23357981,
+                          "lead": (3, 1)},
+                 "right": {"kind": "random", "blocks": (16, 100), "seed": 2901,
+                           "sparsity": 0.0}},
+        "attention": {"shape": (1, 4, 1, 8, 8), "dtype": "float32", "amp": 30.0,
+                      "causal": True},
+        "seed": 131915}, "cpu/generic")
