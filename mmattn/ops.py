@@ -332,6 +332,11 @@ def attention(
         lse = result[-1] if return_lse else None
         return out, lse, weights
     else:
+        if not (return_lse or return_weights or dropout_p or block_mask) and backend != AUTO:
+            inference = getattr(backends.get(backend), "attention_inference", None)
+            if inference is not None:
+                return (inference(q, k, v, attn_mask, key_padding_mask, is_causal, scale),
+                        None, None)
         out, lse, weights, _ = _attention_forward_impl(
             q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_seed,
             return_weights, False, backend, *block_tensors, block_size)

@@ -88,6 +88,89 @@ def test_auto_dispatch_picks_the_cpu_kernel():
         cross_attention(q.double(), k.double(), v.double(), backend="cpu")
 
 
+# ---------------------------------------------------------------- inference op, plain calls
+
+INFER_CASES = [
+    pytest.param((1, 1, 1, 1, 4096, 64, 64), {}, id="decode"),
+    pytest.param((2, 4, 2, 7, 97, 32, 48), {"is_causal": True}, id="gqa-causal"),
+    pytest.param((1, 2, 2, 33, 65, 17, 5), {"masks": True}, id="masks-odd-dims"),
+    pytest.param((2, 2, 1, 3, 0, 16, 16), {}, id="no-keys"),
+    pytest.param((0, 2, 2, 3, 5, 16, 16), {}, id="no-rows"),
+]
+
+
+def _infer_inputs(shape, masks, dtype, layout):
+    q, k, v = _qkv(shape, dtype, layout)
+    b, hq, _, lq, lk, _, _ = shape
+    mask = bool_mask(b, hq, lq, lk) if masks else None
+    kpm = (torch.rand(b, lk) < 0.3) if masks else None
+    return q, k, v, mask, kpm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("shape,options", INFER_CASES)
+def test_inference_op_gives_the_forward_ops_bits(shape, options, dtype, layout):
+    """fused_attention_infer is fused_attention_fwd's out without lse/weights: same bits."""
+    q, k, v, mask, kpm = _infer_inputs(shape, options.get("masks"), dtype, layout)
+    causal = options.get("is_causal", False)
+    full = torch.ops.mmattn.fused_attention_fwd(q, k, v, mask, kpm, causal, 0.0, 0.3, 0, False,
+                                                *cpu_backend._NO_BLOCKS)[0]
+    lean = torch.ops.mmattn.fused_attention_infer(q, k, v, mask, kpm, causal, 0.3)
+    assert lean.dtype == dtype and lean.shape == full.shape
+    assert torch.equal(lean, full)
+
+
+def test_opcheck_inference_op():
+    q, k, v, mask, kpm = _infer_inputs((1, 4, 2, 7, 9, 8, 12), True, torch.float32, "bhld")
+    torch.library.opcheck(torch.ops.mmattn.fused_attention_infer.default,
+                          (q, k, v, mask, kpm, True, 0.5))
+
+
+@pytest.mark.parametrize("shape,options", INFER_CASES[:3])
+def test_plain_calls_give_the_general_paths_bits(shape, options):
+    """A plain call (no mask, dropout, weights, lse, gradient) skips the general path's
+    objects; a dropout_seed (checked, unused at p = 0) sends the same call through the
+    general path, which must give the same bits."""
+    q, k, v = _qkv(shape)
+    for kwargs in ({"is_causal": options.get("is_causal", False)}, {"scale": 0.7}):
+        fast = cross_attention(q, k, v, **kwargs)
+        general = cross_attention(q, k, v, dropout_seed=0, **kwargs)
+        assert torch.equal(fast, general)
+        assert_within_rule(fast, cross_attention(q, k, v, backend="reference", **kwargs),
+                           cross_attention(q.double(), k.double(), v.double(),
+                                           backend="reference", **kwargs), name="out")
+
+
+def test_plain_call_path_only_takes_what_the_cpu_backend_would_run(monkeypatch):
+    taken = []
+    inference = cpu_backend.attention_inference
+    monkeypatch.setattr(cpu_backend, "attention_inference",
+                        lambda *args: taken.append(1) or inference(*args))
+    q, k, v = _qkv((1, 2, 2, 3, 40, 16, 16))
+    cross_attention(q, k, v)
+    cross_attention(q, k, v, backend="cpu")
+    assert len(taken) == 2
+    with mmattn.use_backend("reference"):
+        ref = cross_attention(q, k, v)
+    assert torch.equal(ref, cross_attention(q, k, v, backend="reference"))
+    with torch.no_grad():
+        cross_attention(q, k, v)
+    assert len(taken) == 3
+    qg = q.clone().requires_grad_()
+    out = cross_attention(qg, k, v)
+    out.sum().backward()
+    assert qg.grad is not None and len(taken) == 3  # autograd: the general path
+    cross_attention(q.double(), k.double(), v.double())  # float64: the reference backend
+    cross_attention(torch.nn.Parameter(q), k, v)  # a subclass: the general path
+    assert len(taken) == 3
+    for bad in ({"scale": float("nan")}, {"is_causal": 1}, {"dropout_p": False}):
+        with pytest.raises((TypeError, ValueError)):
+            cross_attention(q, k, v, **bad)
+    with pytest.raises(ValueError, match="head_dim"):
+        cross_attention(q, k[..., :8], v)
+
+
 def test_kernel_isa_is_reported():
     assert cpu_backend.kernel_isa() in ("avx512", "avx2", "generic")
 

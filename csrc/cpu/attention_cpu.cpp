@@ -380,6 +380,36 @@ Tensor to_dtype(const Tensor& t, ScalarType dtype) {
 
 // ---------------------------------------------------------------- forward
 
+// Runs the forward kernels on F, whose problem, out and lse (and weights, if any) are
+// set: the split-KV plan, the work items on torch's pool, the merge of the splits.
+void run_forward(ForwardParams& F) {
+  const Problem& p = F.p;
+  plan_splits(F);
+  // Split-KV state, (splits, rows, Dv + 2) = O, m, l: splits happen only with few
+  // query tiles, so this is small (a plain vector: no tensor call per decoding step).
+  std::vector<float> partials;
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  if (F.splits > 1) {
+    partials.resize(static_cast<size_t>(F.splits * rows * (p.Dv + 2)));
+    F.part_o = partials.data();
+    F.part_m = F.part_o + F.splits * rows * p.Dv;
+    F.part_l = F.part_m + F.splits * rows;
+  }
+  const KernelSet& ks = kernels();
+  run_workers(F.num_items(), [&](std::atomic<int64_t>* next) { ks.forward_worker(F, next); });
+  if (F.splits > 1) {
+    // Merging costs O(splits * rows * Dv): serial unless there is real work in it
+    // (waking the thread pool costs microseconds, as much as a decoding step's merge).
+    if (F.splits * rows * p.Dv < (int64_t{1} << 16)) {
+      ks.forward_merge(F, 0, rows);
+    } else {
+      torch::stable::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        ks.forward_merge(F, begin, end);
+      });
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     Tensor q, Tensor k, Tensor v, std::optional<Tensor> attn_mask,
     std::optional<Tensor> key_padding_mask, bool is_causal, double dropout_p, double scale,
@@ -413,30 +443,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
     F.out = out.mutable_data_ptr<float>();
     F.lse = lse.mutable_data_ptr<float>();
     F.weights = return_weights ? weights.mutable_data_ptr<float>() : nullptr;
-    plan_splits(F);
-    // Split-KV state, (splits, rows, Dv + 2) = O, m, l: splits happen only with few
-    // query tiles, so this is small (a plain vector: no tensor call per decoding step).
-    std::vector<float> partials;
-    const int64_t rows = d.B * d.Hq * d.Lq;
-    if (F.splits > 1) {
-      partials.resize(static_cast<size_t>(F.splits * rows * (d.Dv + 2)));
-      F.part_o = partials.data();
-      F.part_m = F.part_o + F.splits * rows * d.Dv;
-      F.part_l = F.part_m + F.splits * rows;
-    }
-    const KernelSet& ks = kernels();
-    run_workers(F.num_items(), [&](std::atomic<int64_t>* next) { ks.forward_worker(F, next); });
-    if (F.splits > 1) {
-      // Merging costs O(splits * rows * Dv): serial unless there is real work in it
-      // (waking the thread pool costs microseconds, as much as a decoding step's merge).
-      if (F.splits * rows * d.Dv < (int64_t{1} << 16)) {
-        ks.forward_merge(F, 0, rows);
-      } else {
-        torch::stable::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-          ks.forward_merge(F, begin, end);
-        });
-      }
-    }
+    run_forward(F);
   }
   Tensor weights_out = return_weights ? to_dtype(weights, dtype)
                                       : torch::stable::new_empty(q, Shape{0});
@@ -445,6 +452,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_attention_fwd_cpu(
   const bool keep = keep_fp32_out && dtype != ScalarType::Float;
   Tensor out_fp32 = keep ? out : torch::stable::new_empty(q, Shape{0});
   return {to_dtype(out, dtype), lse, weights_out, out_fp32};
+}
+
+// fused_attention_fwd without dropout, weights, block mask or lse: the output alone, for
+// calls no backward follows. Same kernels, same bits; it saves the op what a decoding
+// step notices (13 arguments to convert, three tensors to allocate and return).
+Tensor fused_attention_infer_cpu(Tensor q, Tensor k, Tensor v, std::optional<Tensor> attn_mask,
+                                 std::optional<Tensor> key_padding_mask, bool is_causal,
+                                 double scale) {
+  const Dims d = check_qkv(q, k, v);
+  const ScalarType dtype = q.scalar_type();
+  const Tensor qf = as_float_rows(q), kf = as_float_rows(k), vf = as_float_rows(v);
+
+  ForwardParams F;
+  BlockArgs blocks{};
+  set_problem(F.p, d, qf, kf, vf, scale, attn_mask, key_padding_mask, is_causal, 0.0, 0,
+              blocks);
+  Tensor out = new_output(qf, Shape{d.B, d.Hq, d.Lq, d.Dv}, false);
+  const int64_t rows = d.B * d.Hq * d.Lq;
+  if (d.Lk == 0) {
+    torch::stable::zero_(out);
+  } else if (rows > 0) {
+    std::vector<float> lse(static_cast<size_t>(rows));
+    F.out = out.mutable_data_ptr<float>();
+    F.lse = lse.data();
+    run_forward(F);
+  }
+  return to_dtype(out, dtype);
 }
 
 // ---------------------------------------------------------------- backward
@@ -594,6 +628,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
       "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_blocks, Tensor? partial_index, "
       "Tensor? partial_masks, int block_q, int block_k, bool keep_fp32_out=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // fused_attention_fwd's out alone, for calls without dropout, weights, block mask,
+  // lse or a backward (fewer arguments and outputs: a decoding step's overhead).
+  m.def(
+      "fused_attention_infer(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, bool is_causal, float scale) -> Tensor");
   // Gradients (dq, dk, dv) from the forward's out and lse; dropout regenerates
   // the forward's Philox mask from the same seed. `out` may be float32 for half
   // inputs (the forward's out_fp32); grad_lse (B, Hq, Lq), the gradient flowing
@@ -615,6 +654,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmattn, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
   m.impl("fused_attention_fwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_fwd_cpu));
+  m.impl("fused_attention_infer", TORCH_BOX(&mmattn::attn_cpu::fused_attention_infer_cpu));
   m.impl("fused_attention_bwd", TORCH_BOX(&mmattn::attn_cpu::fused_attention_bwd_cpu));
   m.impl("attention_cpu_dropout_keep", TORCH_BOX(&mmattn::attn_cpu::attention_cpu_dropout_keep));
 }

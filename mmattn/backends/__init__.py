@@ -31,6 +31,10 @@ dropout_seed, return_weights, block_mask, block_size, keep_fp32_out)``
     ``return_weights``, else empty; ``out_fp32`` the
     float32 output before rounding when ``keep_fp32_out`` and q is half precision (the
     backward computes ``rowsum(dO * O)`` from it), else empty.
+``attention_inference(q, k, v, attn_mask, key_padding_mask, is_causal, scale) -> out``
+    optional: ``out`` alone for a call without dropout, weights, block mask, lse or
+    backward, which :mod:`mmattn.ops` sends here in eager mode when the backend has it
+    (the CPU backend's leaner op: a decoding step's overhead).
 ``attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal,
 dropout_p, scale, dropout_seed, block_mask, block_size, grad_lse, grad_weights,
 mask_needs_grad)``

