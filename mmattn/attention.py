@@ -255,9 +255,6 @@ def _seed_tensor(dropout_seed: Any, dropout: bool) -> Tensor | None:
     return torch.tensor(int(dropout_seed), dtype=torch.int64) if dropout else None
 
 
-_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _plain_cpu_output(q: Any, k: Any, v: Any, is_causal: bool, scale: float | None,
                       backend: str | None) -> Tensor | None:
     """The output of a plain call (no mask, dropout, weights, lse or gradient) of dense
@@ -278,7 +275,7 @@ def _plain_cpu_output(q: Any, k: Any, v: Any, is_causal: bool, scale: float | No
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return None  # subclasses (Parameter, DTensor, fake tensors) take the general path
     dtype = q.dtype
-    if (dtype not in _CPU_KERNEL_DTYPES or k.dtype != dtype or v.dtype != dtype
+    if (dtype not in _cpu_backend.KERNEL_DTYPES or k.dtype != dtype or v.dtype != dtype
             or not (q.is_cpu and k.is_cpu and v.is_cpu)
             or q.layout is not _STRIDED or k.layout is not _STRIDED or v.layout is not _STRIDED
             or q.is_nested or k.is_nested or v.is_nested

@@ -49,7 +49,7 @@ BACKWARD_EXTRAS: frozenset[str] = frozenset({"grad_lse"})
 FORWARD_OP = "fused_attention_fwd"
 INFERENCE_OP = "fused_attention_infer"
 BACKWARD_OP = "fused_attention_bwd"
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _ops_reason(op_names: tuple[str, ...]) -> str | None:
@@ -70,7 +70,7 @@ _WS_REASON = _ops_reason(("ws_spmm", "ws_spmm_backward"))
 def _common_reason(t: Tensor, op: str) -> str | None:
     if t.device.type != "cpu":
         return f"the cpu backend needs CPU tensors, got {t.device.type}"
-    if t.dtype not in _KERNEL_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         return (f"the cpu {op} kernels support float32, bfloat16 and float16, got {t.dtype} "
                 f"(float64 runs on the reference backend only)")
     return None
